@@ -1,0 +1,154 @@
+"""The `distil-scale` command: train, prepare, export, eval, demo, config.
+
+Every user mistake (bad config, missing path, mismatched vocabulary) ends as one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from distil_scale.config import ConfigError, explain, load_config
+
+USAGE_ERROR = 2
+
+
+def _train(args: argparse.Namespace, overrides: list[str]) -> int:
+    from distil_scale.config import check_paths
+
+    cfg = load_config(args.config, overrides)
+    check_paths(cfg)
+    from distil_scale.train import train
+
+    train(cfg)
+    return 0
+
+
+def _config(args: argparse.Namespace, overrides: list[str]) -> int:
+    import yaml
+
+    if args.explain or args.config is None and not overrides:
+        print(explain())
+        return 0
+    print(yaml.safe_dump(load_config(args.config, overrides).to_dict(), sort_keys=False), end="")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides(overrides)
+    from distil_scale.data.shards import prepare
+
+    manifest = prepare(
+        args.inputs,
+        tokenizer_dir=args.tokenizer,
+        out_dir=args.out,
+        max_seq_length=args.max_seq_length,
+        samples_per_shard=args.samples_per_shard,
+        heldout_fraction=args.heldout_fraction,
+        num_proc=args.num_proc,
+        text_field=args.text_field,
+        seed=args.seed,
+    )
+    print(f"distil-scale: wrote {manifest.describe()} to {args.out}")
+    return 0
+
+
+def _export(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides(overrides)
+    from distil_scale.export import export_student
+
+    out = export_student(args.checkpoint, args.out, tokenizer_dir=args.tokenizer)
+    print(f"distil-scale: exported {args.checkpoint} to {out}")
+    return 0
+
+
+def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides(overrides)
+    from distil_scale.evaluate import evaluate_models
+
+    results = evaluate_models(args.models, data=args.data, split=args.split, batch_size=args.batch_size,
+                              max_batches=args.max_batches, seed=args.seed)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    from distil_scale.demo import run_demo
+
+    run_demo(config_path=args.config, overrides=overrides, fresh=args.fresh)
+    return 0
+
+
+def _no_overrides(overrides: list[str]) -> None:
+    if overrides:
+        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distil-scale", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (or resume) a run: the same as cluster/launch.py")
+    p.add_argument("--config", required=True, help="YAML file under configs/; --section.key=value overrides follow")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(fn=_train)
+
+    p = sub.add_parser("config", help="print the resolved config, or every key with its meaning")
+    p.add_argument("--config", default=None)
+    p.add_argument("--explain", action="store_true", help="list every key, its default and what it does")
+    p.set_defaults(fn=_config)
+
+    p = sub.add_parser("prepare", help="tokenize local text into WebDataset shards + dataset.json")
+    p.add_argument("inputs", nargs="+", help=".txt (one document per line), .jsonl, .parquet or a `datasets` dir")
+    p.add_argument("--tokenizer", required=True, help="local Hugging Face (fast) tokenizer directory")
+    p.add_argument("--out", required=True, help="output directory for shards and dataset.json")
+    p.add_argument("--max-seq-length", type=int, default=512)
+    p.add_argument("--samples-per-shard", type=int, default=10000)
+    p.add_argument("--heldout-fraction", type=float, default=0.01)
+    p.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1))
+    p.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet/datasets inputs")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_prepare)
+
+    p = sub.add_parser("export", help="turn a (ZeRO-sharded) checkpoint into a Hugging Face DistilBERT directory")
+    p.add_argument("checkpoint", help="<output_dir>/checkpoints (newest complete) or one checkpoint tag directory")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the model")
+    p.set_defaults(fn=_export)
+
+    p = sub.add_parser("eval", help="MLM accuracy and perplexity of models on held-out shards")
+    p.add_argument("models", nargs="+", help="Hugging Face masked-LM directories (teacher, exported students)")
+    p.add_argument("--data", required=True, help="prepared dataset directory (dataset.json)")
+    p.add_argument("--split", default="heldout")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-batches", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="masking seed: the same masks for every model")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("demo", help="the embedded default: corpus -> tokenizer -> teacher -> student, offline")
+    p.add_argument("--config", default=None, help="defaults to configs/demo.yaml")
+    p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
+    p.set_defaults(fn=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not a.startswith("--") or "=" not in a]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (overrides look like --section.key=value)")
+    try:
+        return args.fn(args, rest)
+    except ConfigError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"distil-scale: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""Process group, devices and precision, and the DeepSpeed config generated from our typed Config.
+
+The DeepSpeed JSON is never written by hand: `deepspeed_config` derives it from the run config (one source of
+truth), then merges the `deepspeed:` passthrough section last for expert keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+
+from distil_scale.config import Config, ConfigError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Placement:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def select_accelerator() -> None:
+    """DeepSpeed picks its accelerator at import time: choose the CPU one when no CUDA device is present."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def init_distributed() -> Placement:
+    """Join (or create) the process group; works under deepspeed, torchrun, srun and plain python."""
+    select_accelerator()
+    import deepspeed
+
+    for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, default)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = "29500"
+    on_gpu = torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") != "cpu"
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if on_gpu:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
+    return Placement(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """"auto" means bf16 on GPU (the recipe's fp16 without loss-scaling trouble) and fp32 on CPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def accumulation_steps(cfg: Config, world_size: int) -> int:
+    per_pass = cfg.train.micro_batch_size * world_size
+    if cfg.train.sequences_per_step % per_pass:
+        raise ConfigError(
+            f"train.sequences_per_step: {cfg.train.sequences_per_step} is not a multiple of micro_batch_size "
+            f"{cfg.train.micro_batch_size} x world size {world_size}"
+        )
+    return cfg.train.sequences_per_step // per_pass
+
+
+def warmup_steps(cfg: Config) -> int:
+    return int(cfg.optim.warmup_fraction * cfg.train.max_steps)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def deepspeed_config(cfg: Config, *, world_size: int, device: torch.device) -> dict:
+    """The DeepSpeed config of the student engine: batch geometry, AdamW, warmup + linear decay, ZeRO, precision."""
+    precision = resolve_dtype(cfg.train.precision, device)
+    if device.type == "cpu" and precision == torch.float16:
+        raise ConfigError("train.precision: fp16 is not supported on CPU (use fp32 or bf16)")
+    ds = {
+        "train_batch_size": cfg.train.sequences_per_step,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(cfg, world_size),
+        "gradient_clipping": cfg.optim.grad_clip,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": cfg.optim.peak_lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+                # DeepSpeed's fused Adam is a CUDA kernel; on CPU use torch's AdamW.
+                "torch_adam": device.type != "cuda",
+            },
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": cfg.optim.peak_lr,
+                "warmup_num_steps": max(1, warmup_steps(cfg)),
+                "total_num_steps": cfg.train.max_steps,
+                "warmup_type": "linear",
+            },
+        },
+        "zero_optimization": {"stage": cfg.train.zero_stage},
+        "bf16": {"enabled": precision == torch.bfloat16},
+        "fp16": {"enabled": precision == torch.float16},
+        # We print our own progress line; silence DeepSpeed's periodic one.
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    return _merge(ds, copy.deepcopy(cfg.deepspeed))
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on biases and LayerNorm weights (the recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_engine(model: torch.nn.Module, cfg: Config, placement: Placement):
+    """Wrap the student in a DeepSpeed engine; returns (engine, ds_config)."""
+    import deepspeed
+
+    ds_config = deepspeed_config(cfg, world_size=placement.world_size, device=placement.device)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
+    )
+    return engine, ds_config

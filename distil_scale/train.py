@@ -1,0 +1,181 @@
+"""The training loop, top to bottom: batch -> teacher (no grad) -> student -> triple loss -> backward -> step.
+
+`train(cfg)` is what `deepspeed cluster/launch.py --config X.yaml`, `python cluster/launch.py ...` and
+`distil-scale train ...` run on every rank. Device syncs happen only at the log interval.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from distil_scale import checkpoint
+from distil_scale.config import Config, save_config
+from distil_scale.engine import Placement, build_engine, init_distributed
+from distil_scale.inputs import build_models, ensure_inputs, make_batches, tokenizer_dir
+from distil_scale.losses import triple_loss
+from distil_scale.metrics import Clock, open_sinks
+from distil_scale.models import mlm_outputs
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+
+
+def micro_step(engine, teacher, batch: dict, cfg: Config) -> torch.Tensor:
+    """Forward + backward of one micro-batch; returns detached [total, kd, mlm, cos, real tokens]."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    t_logits = t_hidden = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits, t_hidden = mlm_outputs(teacher, ids, mask)
+    s_logits, s_hidden = mlm_outputs(engine, ids, mask)
+    terms = triple_loss(
+        s_logits,
+        t_logits,
+        labels,
+        mask,
+        s_hidden,
+        t_hidden,
+        temperature=cfg.loss.temperature,
+        alpha_kd=cfg.loss.alpha_kd,
+        alpha_mlm=cfg.loss.alpha_mlm,
+        alpha_cos=cfg.loss.alpha_cos,
+        restrict_kd_to_mlm=cfg.loss.restrict_kd_to_mlm,
+    )
+    # DeepSpeed divides by the accumulation steps itself and only steps the optimizer at the boundary.
+    engine.backward(terms.total)
+    engine.step()
+    parts = torch.stack([terms.total, terms.kd, terms.mlm, terms.cos]).detach().float()
+    return torch.cat([parts, mask.sum().reshape(1).float()])
+
+
+def _log_row(sums: torch.Tensor, *, micro_batches: int, state: dict, engine, lr: float, clock: Clock, span_s: float):
+    """Reduce the interval's sums over ranks. This all_reduce + .tolist() is the loop's only sync point."""
+    dist.all_reduce(sums)
+    total, kd, mlm, cos, tokens = sums.tolist()
+    n = micro_batches * dist.get_world_size()
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "samples": state["samples"],
+        "tokens": state["tokens"],
+        "loss": total / n,
+        "kd": kd / n,
+        "mlm": mlm / n,
+        "cos": cos / n,
+        "lr": lr,
+        "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        "tokens_per_s": tokens / max(span_s, 1e-9),
+        "samples_per_s": micro_batches * engine.train_micro_batch_size_per_gpu() * dist.get_world_size() / span_s,
+        "elapsed_s": clock.elapsed(),
+    }
+
+
+def _announce(cfg: Config, placement: Placement, engine, accum: int, resumed: tuple | None) -> None:
+    if not placement.is_main:
+        return
+    n_params = sum(p.numel() for p in engine.module.parameters())
+    where = f"resuming from {os.path.join(*resumed)}" if resumed else "starting fresh"
+    print(
+        f"distil-scale: {placement.world_size} rank(s) on {placement.device.type} | ZeRO {cfg.train.zero_stage} | "
+        f"{cfg.train.sequences_per_step} seq/step = {cfg.train.micro_batch_size} x {accum} accum x "
+        f"{placement.world_size} | {n_params / 1e6:.1f}M student params | {where}",
+        flush=True,
+    )
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) one training run; returns the last metrics row (on every rank)."""
+    placement = init_distributed()
+    if placement.is_main:
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        ensure_inputs(cfg)
+    dist.barrier()
+    teacher, student, manifest = build_models(cfg, placement)
+    engine, ds_config = build_engine(student, cfg, placement)
+    accum = ds_config["gradient_accumulation_steps"]
+    save_dir = os.path.join(cfg.run.output_dir, "checkpoints")
+    resumed = checkpoint.resolve(save_dir, cfg.train.resume)
+    state = {"step": 0, "epoch": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0}
+    if resumed:
+        state = checkpoint.load(engine, *resumed)
+    else:
+        # Dropout differs across ranks; checkpoints carry each rank's RNG from here on.
+        torch.manual_seed(cfg.run.seed + 1 + placement.rank)
+    if placement.is_main:
+        save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+    _announce(cfg, placement, engine, accum, resumed)
+    batches = iter(make_batches(cfg, manifest, placement, skip_batches=state["step"] * accum))
+    sink = None
+    if placement.is_main:
+        sink = open_sinks(
+            cfg.run.output_dir,
+            max_steps=cfg.train.max_steps,
+            tensorboard=cfg.log.tensorboard,
+            resumed_step=state["step"],
+        )
+    clock, start_step = Clock(state["elapsed_s"]), state["step"]
+    row = {}
+    sums = torch.zeros(5, device=placement.device)
+    span_start, span_micro = time.perf_counter(), 0
+    engine.train()
+    while state["step"] < cfg.train.max_steps:
+        lr = engine.get_lr()[0]
+        for _ in range(accum):
+            batch = next(batches)
+            sums += micro_step(engine, teacher, _to(batch, placement.device), cfg)
+            state["epoch"] = batch["epoch"]
+            span_micro += 1
+        state["step"] += 1
+        state["samples"] += cfg.train.sequences_per_step
+        step = state["step"]
+        if step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
+            tokens_before = state["tokens"]
+            row = _log_row(
+                sums,
+                micro_batches=span_micro,
+                state=state,
+                engine=engine,
+                lr=lr,
+                clock=clock,
+                span_s=time.perf_counter() - span_start,
+            )
+            state["tokens"] = tokens_before + int(sums[4].item())
+            row["tokens"], row["steps_this_run"] = state["tokens"], step - start_step
+            if sink is not None:
+                sink.write(row)
+            sums.zero_()
+            span_start, span_micro = time.perf_counter(), 0
+        if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+            state["elapsed_s"] = clock.elapsed()
+            checkpoint.save(
+                engine,
+                save_dir,
+                step=step,
+                state=dict(state),
+                cfg=cfg,
+                model_config=engine.module.config,
+                keep_last=cfg.checkpoint.keep_last,
+            )
+    if sink is not None:
+        sink.close()
+    if cfg.checkpoint.export:
+        _export(cfg, placement, save_dir, manifest)
+    return row
+
+
+def _export(cfg: Config, placement: Placement, save_dir: str, manifest) -> None:
+    """Rank 0 consolidates the newest (ZeRO-sharded) checkpoint into a Hugging Face directory."""
+    if placement.is_main:
+        from distil_scale.export import export_student
+
+        out = os.path.join(cfg.run.output_dir, "export")
+        export_student(save_dir, out, tokenizer_dir=tokenizer_dir(cfg, manifest))
+        print(f"distil-scale: exported the student to {out}", flush=True)
+    dist.barrier()
+
