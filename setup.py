@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 setup(
     name="distil-scale",
     version="0.1.0",
-    description="Distributed DistilBERT-style distillation pretraining: WebDataset shards, DeepSpeed ZeRO, fused losses",
+    description="Distributed DistilBERT-style distillation pretraining on WebDataset shards and DeepSpeed ZeRO",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",

@@ -89,7 +89,9 @@ def complete_tags(save_dir: str, *, warn: bool = False) -> list[str]:
     done = [t for t in tags if os.path.exists(os.path.join(save_dir, t, COMPLETE))]
     if warn:
         for t in sorted(set(tags) - set(done)):
-            warnings.warn(f"ignoring incomplete checkpoint {os.path.join(save_dir, t)} (no {COMPLETE} marker)")
+            warnings.warn(
+                f"ignoring incomplete checkpoint {os.path.join(save_dir, t)} (no {COMPLETE} marker)", stacklevel=2
+            )
     return done
 
 

@@ -68,8 +68,14 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     _no_overrides(overrides)
     from distil_scale.evaluate import evaluate_models
 
-    results = evaluate_models(args.models, data=args.data, split=args.split, batch_size=args.batch_size,
-                              max_batches=args.max_batches, seed=args.seed)
+    results = evaluate_models(
+        args.models,
+        data=args.data,
+        split=args.split,
+        batch_size=args.batch_size,
+        max_batches=args.max_batches,
+        seed=args.seed,
+    )
     if args.json:
         print(json.dumps(results, indent=1))
     return 0

@@ -98,8 +98,10 @@ def summarize(root: str, configs: dict[str, Config]) -> dict:
         summary[name]["accuracy_vs_teacher"] = summary[name]["mlm_accuracy"] / teacher_acc
     with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)
-    plot_loss_curves({name: os.path.join(cfg.run.output_dir, "metrics.jsonl") for name, cfg in configs.items()},
-                     os.path.join(root, "loss_curves.png"))
+    plot_loss_curves(
+        {name: os.path.join(cfg.run.output_dir, "metrics.jsonl") for name, cfg in configs.items()},
+        os.path.join(root, "loss_curves.png"),
+    )
     return summary
 
 

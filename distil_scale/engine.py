@@ -55,7 +55,7 @@ def init_distributed() -> Placement:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" means bf16 on GPU (the recipe's fp16 without loss-scaling trouble) and fp32 on CPU."""
+    """ "auto" means bf16 on GPU (the recipe's fp16 without loss-scaling trouble) and fp32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]

@@ -11,6 +11,7 @@ import time
 
 import torch
 import torch.distributed as dist
+import transformers
 
 from distil_scale import checkpoint
 from distil_scale.config import Config, save_config
@@ -92,6 +93,8 @@ def _announce(cfg: Config, placement: Placement, engine, accum: int, resumed: tu
 def train(cfg: Config) -> dict:
     """Run (or resume) one training run; returns the last metrics row (on every rank)."""
     placement = init_distributed()
+    # Weight-loading progress bars on every rank drown the progress line.
+    transformers.utils.logging.disable_progress_bar()
     if placement.is_main:
         os.makedirs(cfg.run.output_dir, exist_ok=True)
         ensure_inputs(cfg)
@@ -125,7 +128,8 @@ def train(cfg: Config) -> dict:
     span_start, span_micro = time.perf_counter(), 0
     engine.train()
     while state["step"] < cfg.train.max_steps:
-        lr = engine.get_lr()[0]
+        # The rate this step's update uses (the scheduler advances inside the boundary engine.step()).
+        lr = engine.optimizer.param_groups[0]["lr"]
         for _ in range(accum):
             batch = next(batches)
             sums += micro_step(engine, teacher, _to(batch, placement.device), cfg)
@@ -178,4 +182,3 @@ def _export(cfg: Config, placement: Placement, save_dir: str, manifest) -> None:
         export_student(save_dir, out, tokenizer_dir=tokenizer_dir(cfg, manifest))
         print(f"distil-scale: exported the student to {out}", flush=True)
     dist.barrier()
-

@@ -75,7 +75,8 @@ def test_missing_config_file_and_paths(tmp_path):
 def test_deepspeed_config_is_derived_from_ours(tmp_path):
     cfg = load_config(
         _write(tmp_path, BASE + "deepspeed: {zero_optimization: {overlap_comm: true}, wall_clock_breakdown: true}\n"),
-        ["--train.sequences_per_step=64", "--train.micro_batch_size=4", "--train.zero_stage=3", "--train.max_steps=200"],
+        ["--train.sequences_per_step=64", "--train.micro_batch_size=4", "--train.zero_stage=3"]
+        + ["--train.max_steps=200"],
     )
     ds = deepspeed_config(cfg, world_size=2, device=torch.device("cpu"))
     assert ds["gradient_accumulation_steps"] == 8

@@ -1,0 +1,307 @@
+"""The reader: a deterministic, resumable stream of masked micro-batches for one rank.
+
+Epoch plan (a pure function of seed, epoch, rank, world size and worker count):
+
+    shards --seeded permutation(seed, epoch)--> one sample order, concatenated across shards
+           --cut into world_size contiguous blocks of floor(total / world_size) samples--> rank r's block
+           --cut into num_workers contiguous sub-blocks (sizes differ by at most one)--> worker w's sub-block
+
+Every rank therefore sees the same number of samples and batches per epoch (no collective waits on a rank that
+ran out), blocks are disjoint, and together they cover all but the < world_size remainder of the epoch. A
+worker reads only the shards overlapping its sub-block, skipping entries outside it in the boundary shards.
+
+Inside a worker: seeded shuffle buffer -> length grouping (sort `group_batches * micro_batch_size` samples by
+length, cut into micro-batches, shuffle their order) -> collate -> mask. The last partial batch of a sub-block
+is kept, so batch counts depend only on sub-block sizes, which are equal across ranks.
+
+Resume: `skip_batches` is how many batches this rank's DataLoader already yielded. The DataLoader takes
+batches from its workers round-robin (skipping exhausted ones), so each worker works out its own share, skips
+whole epochs arithmetically and replays the shuffle/grouping of the partial epoch without collating or
+masking. Masks are seeded per (seed, epoch, rank, worker, batch index), so a replayed batch is bit-identical
+and a sample met again in a later epoch gets a fresh mask.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from typing import IO
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from distil_scale.config import ConfigError
+from distil_scale.data.masking import Masker, collate
+
+# Our only tar members, decoded with np.frombuffer. Nothing else in a shard is ever decoded: a `.pyd`/`.pth`
+# entry stays an inert byte string.
+ID_ENTRIES = (("ids.u16", np.dtype("<u2")), ("ids.i32", np.dtype("<i4")))
+# Distinct streams of randomness drawn from the same (seed, epoch, ...) coordinates.
+_SHARD_ORDER, _SHUFFLE, _GROUPING, _MASKING = range(4)
+
+Sample = tuple[str, np.ndarray]
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def resume_plan(skip_batches: int, per_worker_totals: list[float]) -> tuple[list[int], int]:
+    """How many of the first `skip_batches` DataLoader batches each worker made, and whose turn comes next.
+
+    The DataLoader asks its workers round-robin and drops a worker from the cycle once it is exhausted, so
+    after R full rounds worker w has served min(total_w, R) batches. A fresh loader starts its cycle at worker
+    0; the returned `rotation` is the worker whose turn it was, and fresh worker i plays worker
+    (i + rotation) % num_workers so that the resumed interleaving continues the interrupted one exactly.
+    """
+
+    def served(rounds: int) -> float:
+        return sum(min(total, rounds) for total in per_worker_totals)
+
+    lo, hi = 0, skip_batches
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if served(mid) <= skip_batches else (lo, mid - 1)
+    extra = skip_batches - served(lo)
+    skips, rotation = [], 0
+    for worker, total in enumerate(per_worker_totals):
+        share = min(total, lo)
+        if total > lo and extra > 0:
+            share, extra, rotation = share + 1, extra - 1, (worker + 1) % len(per_worker_totals)
+        skips.append(int(share))
+    return skips, rotation
+
+
+def _decode(sample: dict) -> np.ndarray | None:
+    for suffix, dtype in ID_ENTRIES:
+        data = sample.get(suffix)
+        if data is not None and len(data) % dtype.itemsize == 0:
+            return np.frombuffer(data, dtype=dtype)
+    return None
+
+
+def read_shard(url: str, *, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
+    """(key, ids) for the samples at positions [start, stop) of one shard; any URL `webdataset.gopen` opens."""
+    stream = wds.gopen(url)
+    samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+    position, complete = 0, False
+    try:
+        for position, sample in enumerate(samples, start=1):  # noqa: B007 (position is read after the loop)
+            if position > start:
+                ids = _decode(sample)
+                if ids is None:
+                    warnings.warn(f"{url}: sample {sample['__key__']!r} has no valid ids entry; skipped", stacklevel=2)
+                else:
+                    yield sample["__key__"], ids
+            if stop is not None and position >= stop:
+                break
+        else:
+            complete = True
+    finally:
+        samples.close()
+        _close(stream, quiet=not complete)
+    if stop is not None and position < stop:
+        warnings.warn(f"{url}: holds {position} samples, the manifest promised at least {stop}", stacklevel=2)
+
+
+def _close(stream: IO[bytes], *, quiet: bool) -> None:
+    # A `pipe:` reader stopped mid-shard kills its producer with SIGPIPE, a non-zero exit that means nothing;
+    # a pipe that fails while we read it to the end is a real error and propagates.
+    try:
+        stream.close()
+    except OSError:
+        if not quiet:
+            raise
+
+
+def buffer_shuffled(samples: Iterator[Sample], *, size: int, rng: np.random.Generator) -> Iterator[Sample]:
+    """Reservoir-style shuffle with bounded memory: a seeded rng makes the order a pure function of the input."""
+    buffer: list[Sample] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], sample = sample, buffer[j]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def length_grouped(
+    samples: Iterator[Sample], *, micro_batch_size: int, group_batches: int, rng: np.random.Generator
+) -> Iterator[list[Sample]]:
+    """Batches of similar length (less padding) in a shuffled order; the final batch may be short."""
+    group_size = micro_batch_size * group_batches
+    group: list[Sample] = []
+    for sample in samples:
+        group.append(sample)
+        if len(group) == group_size:
+            yield from _cut_group(group, micro_batch_size, rng)
+            group = []
+    if group:
+        yield from _cut_group(group, micro_batch_size, rng)
+
+
+def _cut_group(group: list[Sample], micro_batch_size: int, rng: np.random.Generator) -> Iterator[list[Sample]]:
+    by_length = sorted(group, key=lambda sample: len(sample[1]))  # stable: ties keep their shuffled order
+    batches = [by_length[i : i + micro_batch_size] for i in range(0, len(by_length), micro_batch_size)]
+    for index in rng.permutation(len(batches)):
+        yield batches[index]
+
+
+class BatchStream(IterableDataset):
+    """Masked, collated micro-batches for one rank: a pure function of the constructor arguments.
+
+    Yields dicts with `input_ids`, `attention_mask`, `labels` (int64, (B, L), L padded to a multiple of
+    `pad_multiple`, labels -100 off target), `keys` (sample keys, for audits) and `epoch`. Epochs run from
+    `start_epoch` forever, or up to (excluding) `max_epochs`.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        samples_per_shard: list[int],
+        *,
+        rank: int,
+        world_size: int,
+        seed: int,
+        micro_batch_size: int,
+        masker: Masker,
+        pad_id: int,
+        start_epoch: int = 0,
+        skip_batches: int = 0,
+        shuffle_buffer: int = 2000,
+        group_batches: int = 64,
+        max_epochs: int | None = None,
+        pad_multiple: int = 8,
+    ):
+        if len(urls) != len(samples_per_shard):
+            raise ConfigError(f"got {len(urls)} shard urls but {len(samples_per_shard)} sample counts")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is outside world_size {world_size}")
+        if sum(samples_per_shard) < world_size:
+            raise ConfigError(f"the split has {sum(samples_per_shard)} samples, fewer than world_size {world_size}")
+        for name, value in (("micro_batch_size", micro_batch_size), ("group_batches", group_batches)):
+            if value < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {value}")
+        for name, value in (("seed", seed), ("start_epoch", start_epoch), ("skip_batches", skip_batches)):
+            if value < 0:
+                raise ConfigError(f"{name} must be >= 0, got {value}")
+        self.urls, self.samples_per_shard = list(urls), list(samples_per_shard)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.micro_batch_size, self.group_batches, self.shuffle_buffer = micro_batch_size, group_batches, shuffle_buffer
+        self.masker, self.pad_id, self.pad_multiple = masker, pad_id, pad_multiple
+        self.start_epoch, self.skip_batches, self.max_epochs = start_epoch, skip_batches, max_epochs
+
+    def _sub_block(self, num_workers: int, worker: int) -> tuple[int, int]:
+        """[begin, end) of this rank's worker sub-block in the epoch's concatenated sample order."""
+        per_rank = sum(self.samples_per_shard) // self.world_size
+        size, rest = divmod(per_rank, num_workers)
+        begin = self.rank * per_rank + worker * size + min(worker, rest)
+        return begin, begin + size + (worker < rest)
+
+    def _worker_batches(self, num_workers: int) -> list[int]:
+        sizes = [end - begin for begin, end in (self._sub_block(num_workers, w) for w in range(num_workers))]
+        return [math.ceil(size / self.micro_batch_size) for size in sizes]
+
+    def batches_per_epoch(self, num_workers: int) -> int:
+        """Batches this rank's loader yields per epoch; identical on every rank."""
+        return sum(self._worker_batches(max(num_workers, 1)))
+
+    def shard_order(self, epoch: int) -> list[int]:
+        # Seeded by (seed, epoch) only: every rank must agree on it for the blocks to partition the epoch.
+        return np.random.default_rng(_seed(_SHARD_ORDER, self.seed, epoch)).permutation(len(self.urls)).tolist()
+
+    def _pieces(self, epoch: int, num_workers: int, worker: int) -> list[tuple[int, int, int]]:
+        """(shard index, first, stop) ranges making up the worker's sub-block, in epoch order."""
+        begin, end = self._sub_block(num_workers, worker)
+        pieces, position = [], 0
+        for shard in self.shard_order(epoch):
+            count = self.samples_per_shard[shard]
+            first, stop = max(begin - position, 0), min(end - position, count)
+            if first < stop:
+                pieces.append((shard, first, stop))
+            position += count
+            if position >= end:
+                break
+        return pieces
+
+    def _samples(self, epoch: int, num_workers: int, worker: int) -> Iterator[Sample]:
+        for shard, first, stop in self._pieces(epoch, num_workers, worker):
+            yield from read_shard(self.urls[shard], start=first, stop=stop)
+
+    def _epoch(self, epoch: int, num_workers: int, worker: int, *, skip: int) -> Iterator[dict]:
+        coords = (self.seed, epoch, self.rank, worker)
+        samples = self._samples(epoch, num_workers, worker)
+        if self.shuffle_buffer > 1:
+            rng = np.random.default_rng(_seed(_SHUFFLE, *coords))
+            samples = buffer_shuffled(samples, size=self.shuffle_buffer, rng=rng)
+        batches = length_grouped(
+            samples,
+            micro_batch_size=self.micro_batch_size,
+            group_batches=self.group_batches,
+            rng=np.random.default_rng(_seed(_GROUPING, *coords)),
+        )
+        for index, batch in enumerate(batches):
+            if index >= skip:  # skipped batches replay the order decisions but are never collated or masked
+                yield self._make_batch(batch, coords, index)
+
+    def _make_batch(self, batch: list[Sample], coords: tuple[int, int, int, int], index: int) -> dict:
+        input_ids, attention_mask = collate(
+            [ids for _, ids in batch], pad_id=self.pad_id, multiple_of=self.pad_multiple
+        )
+        generator = torch.Generator().manual_seed(_seed(_MASKING, *coords, index))
+        masked, labels = self.masker(input_ids, attention_mask, generator=generator)
+        return {
+            "input_ids": masked,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "keys": [key for key, _ in batch],
+            "epoch": coords[1],
+        }
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        loader_worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
+        per_epoch = self._worker_batches(num_workers)
+        epochs = math.inf if self.max_epochs is None else max(self.max_epochs - self.start_epoch, 0)
+        skips, rotation = resume_plan(self.skip_batches, [count * epochs if count else 0 for count in per_epoch])
+        worker = (loader_worker + rotation) % num_workers
+        if per_epoch[worker] == 0:
+            return
+        skipped_epochs, skip = divmod(skips[worker], per_epoch[worker])
+        epoch = self.start_epoch + skipped_epochs
+        while self.max_epochs is None or epoch < self.max_epochs:
+            yield from self._epoch(epoch, num_workers, worker, skip=skip)
+            epoch, skip = epoch + 1, 0
+
+
+def make_loader(
+    stream: BatchStream, *, num_workers: int, prefetch_factor: int = 2, multiprocessing_context: str | None = None
+) -> DataLoader:
+    """A DataLoader over `stream` (batch_size=None: the stream batches itself).
+
+    Workers start by `forkserver` unless told otherwise: forking a trainer that already runs CUDA, NCCL or
+    tokenizer threads can deadlock a child. The forkserver preloads this module (torch, numpy, webdataset),
+    so a worker starts in milliseconds plus whatever else the entry script imports (workers are persistent,
+    so that is paid once per run). As with any non-fork start method, the entry script needs an
+    `if __name__ == "__main__":` guard.
+    """
+    kwargs: dict = {}
+    if num_workers > 0:
+        context = multiprocessing_context or "forkserver"
+        if context == "forkserver":
+            torch.multiprocessing.get_context("forkserver").set_forkserver_preload(["__main__", __name__])
+        kwargs = {
+            "prefetch_factor": prefetch_factor,
+            # The stream never ends on its own, so persistence only matters for finite (max_epochs) streams that
+            # are iterated again; it saves restarting the workers there.
+            "persistent_workers": True,
+            "multiprocessing_context": context,
+        }
+    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **kwargs)

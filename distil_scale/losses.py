@@ -1,0 +1,137 @@
+r"""The reference triple loss of DistilBERT, in plain torch.
+
+Rows are token positions: the (B, L, ...) inputs are flattened to (B*L, ...). With s, t the student and
+teacher logits of a row, T the temperature, p = softmax(t / T), q = softmax(s / T):
+
+    kd  = T^2 / |R_kd| * sum_{r in R_kd} KL(p_r || q_r)
+        = T^2 / |R_kd| * sum_r [ sum_v p_rv (t_rv - s_rv) / T - lse(t_r / T) + lse(s_r / T) ]
+    mlm = 1 / |R_mlm| * sum_{r in R_mlm} [ lse(s_r) - s_{r, y_r} ]                       (T = 1)
+    cos = 1 / |R_cos| * sum_{r in R_cos} [ 1 - <h_s, h_t> / (max(|h_s|, eps) * max(|h_t|, eps)) ]
+    total = alpha_kd * kd + alpha_mlm * mlm + alpha_cos * cos
+
+R_cos is every real token (attention_mask == 1); R_kd is R_cos, or the MLM-labelled rows with
+restrict_kd_to_mlm; R_mlm is every row whose label is not -100. A term over an empty row set is 0, not NaN,
+and stays connected to the graph so backward still runs. The T^2 factor keeps the kd gradient's scale
+independent of T (the soft targets' gradient shrinks as 1/T^2).
+
+Every softmax and log-sum-exp runs in fp32 whatever the input dtype. Rows are selected before any
+(N, V) arithmetic, so padding costs no vocabulary-sized temporaries. Teacher tensors are detached.
+
+A term whose alpha is 0 is skipped (not computed) and reported as a zero tensor; its teacher tensor may
+then be None (an MLM-only teacher run, or the from-scratch baseline with alpha_kd = alpha_cos = 0).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+class LossTerms(NamedTuple):
+    """0-dim fp32 tensors; only `total` is meant for backward."""
+
+    total: torch.Tensor
+    kd: torch.Tensor
+    mlm: torch.Tensor
+    cos: torch.Tensor
+
+
+def _mean(row_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    # clamp, not a branch: an empty row set gives 0 / 1 without a host sync
+    return row_sum / count.clamp(min=1)
+
+
+def kd_term(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: torch.Tensor, *, temperature: float
+) -> torch.Tensor:
+    """T^2 * mean over `rows` (bool, flat) of KL(softmax(t/T) || softmax(s/T)); logits flat (N, V)."""
+    # Boolean indexing syncs with the host once (it needs the count); it saves far more than it costs.
+    # One expression per side, so the selected and scaled copies are freed as soon as log_softmax has run.
+    with torch.no_grad():
+        log_p = torch.log_softmax(teacher_logits[rows].float() / temperature, dim=-1)
+    log_q = torch.log_softmax(student_logits[rows].float() / temperature, dim=-1)
+    kl = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
+    return temperature**2 * _mean(kl, rows.sum())
+
+
+def mlm_term(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled rows, 0 when there are none; logits flat (N, V), labels (N,)."""
+    rows = labels != IGNORE_INDEX
+    ce = F.cross_entropy(student_logits[rows].float(), labels[rows], reduction="sum")
+    return _mean(ce, rows.sum())
+
+
+def cos_term(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(h_s, h_t) over `rows`; hidden flat (N, H)."""
+    h_s = student_hidden[rows].float()
+    h_t = teacher_hidden.detach()[rows].float()
+    return _mean((1.0 - F.cosine_similarity(h_s, h_t, dim=-1)).sum(), rows.sum())
+
+
+def _check(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    alphas: tuple[float, float, float],
+    temperature: float,
+) -> None:
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if min(alphas) < 0 or max(alphas) == 0:
+        raise ValueError(f"alphas (kd, mlm, cos) must be >= 0 and not all 0, got {alphas}")
+    rows_shape = student_logits.shape[:-1]
+    if labels.shape != rows_shape or attention_mask.shape != rows_shape or student_hidden.shape[:-1] != rows_shape:
+        raise ValueError(
+            f"shape mismatch: logits {tuple(student_logits.shape)}, labels {tuple(labels.shape)}, "
+            f"attention_mask {tuple(attention_mask.shape)}, student_hidden {tuple(student_hidden.shape)}"
+        )
+    for name, alpha, student, teacher in (
+        ("teacher_logits", alphas[0], student_logits, teacher_logits),
+        ("teacher_hidden", alphas[2], student_hidden, teacher_hidden),
+    ):
+        if alpha > 0 and teacher is None:
+            raise ValueError(f"{name} is None but its alpha is {alpha}")
+        if alpha > 0 and teacher.shape != student.shape:
+            raise ValueError(f"{name} shape {tuple(teacher.shape)} != student's {tuple(student.shape)}")
+
+
+def triple_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    *,
+    temperature: float = 2.0,
+    alpha_kd: float = 5.0,
+    alpha_mlm: float = 2.0,
+    alpha_cos: float = 1.0,
+    restrict_kd_to_mlm: bool = False,
+) -> LossTerms:
+    """kd + mlm + cos of one micro-batch; see the module docstring for the exact definition."""
+    alphas = (alpha_kd, alpha_mlm, alpha_cos)
+    _check(student_logits, teacher_logits, labels, attention_mask, student_hidden, teacher_hidden, alphas, temperature)
+    vocab, width = student_logits.shape[-1], student_hidden.shape[-1]
+    s_logits = student_logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1)
+    real = attention_mask.reshape(-1).bool()
+    zero = torch.zeros((), dtype=torch.float32, device=student_logits.device)
+
+    kd = mlm = cos = zero
+    if alpha_kd > 0:
+        kd_rows = flat_labels != IGNORE_INDEX if restrict_kd_to_mlm else real
+        kd = kd_term(s_logits, teacher_logits.reshape(-1, vocab), kd_rows, temperature=temperature)
+    if alpha_mlm > 0:
+        mlm = mlm_term(s_logits, flat_labels)
+    if alpha_cos > 0:
+        cos = cos_term(student_hidden.reshape(-1, width), teacher_hidden.reshape(-1, width), real)
+    total = alpha_kd * kd + alpha_mlm * mlm + alpha_cos * cos
+    return LossTerms(total=total, kd=kd, mlm=mlm, cos=cos)

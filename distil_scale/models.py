@@ -1,0 +1,285 @@
+"""Teacher loading, student construction and the model-family seams the loss needs.
+
+The student is a DistilBERT: the teacher's width at half its depth, no token-type embeddings, no pooler, a
+vocabulary projector tied to the word embeddings. `build_student(init="teacher")` copies the teacher's
+embeddings, an evenly spaced subset of its layers (12 -> 6 takes [0, 2, 4, 7, 9, 11]) and its MLM head.
+
+Two teacher quirks are folded in so that the student's embedding output equals the teacher's at init:
+BERT and RoBERTa add token_type_embeddings[0] to every token (nobody passes token_type_ids here), which the
+student has no table for, so that row is added to every student position embedding; RoBERTa numbers positions
+from padding_idx + 1, so the student takes the rows from that offset on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForMaskedLM,
+    DistilBertConfig,
+    DistilBertForMaskedLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+from transformers.activations import gelu
+
+from distil_scale.config import ConfigError
+
+# DistilBERT hard-codes this LayerNorm epsilon; its config has no field for it.
+_DISTILBERT_LN_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Where a teacher family keeps the tensors the student is initialised from."""
+
+    prefix: str  # attribute of the encoder inside the masked-LM wrapper
+    transform: str  # the MLM head's dense transform
+    head_norm: str  # the MLM head's LayerNorm
+    projection: str  # the vocabulary projection (weight tied to the word embeddings)
+    offset_positions: bool  # RoBERTa numbers positions from padding_idx + 1
+
+
+_BERT = _Family(
+    "bert",
+    "cls.predictions.transform.dense",
+    "cls.predictions.transform.LayerNorm",
+    "cls.predictions.decoder",
+    offset_positions=False,
+)
+_ROBERTA = _Family("roberta", "lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", offset_positions=True)
+_FAMILIES = {"bert": _BERT, "roberta": _ROBERTA, "xlm-roberta": _ROBERTA, "camembert": _ROBERTA}
+
+# Student layer module -> teacher layer module; both have a weight and a bias.
+_LAYER_NAMES = {
+    "attention.q_lin": "attention.self.query",
+    "attention.k_lin": "attention.self.key",
+    "attention.v_lin": "attention.self.value",
+    "attention.out_lin": "attention.output.dense",
+    "sa_layer_norm": "attention.output.LayerNorm",
+    "ffn.lin1": "intermediate.dense",
+    "ffn.lin2": "output.dense",
+    "output_layer_norm": "output.LayerNorm",
+}
+
+
+def _family(config: PreTrainedConfig) -> _Family:
+    family = _FAMILIES.get(config.model_type)
+    if family is None:
+        raise ConfigError(
+            f"teacher model_type {config.model_type!r} is not supported; use one of {', '.join(sorted(_FAMILIES))}"
+        )
+    if getattr(config, "position_embedding_type", "absolute") != "absolute":
+        raise ConfigError(f"teacher position_embedding_type {config.position_embedding_type!r}: only 'absolute' maps")
+    return family
+
+
+def _position_offset(config: PreTrainedConfig) -> int:
+    return config.pad_token_id + 1 if _family(config).offset_positions else 0
+
+
+def error_line(err: BaseException) -> str:
+    """The first line of an exception's message, for one-line ConfigErrors that wrap library errors."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_masked_lm_dir(path: str, *, dtype: torch.dtype, what: str = "model") -> PreTrainedModel:
+    """AutoModelForMaskedLM from a local directory, refusing a directory whose MLM weights are incomplete."""
+    if not os.path.isdir(path):
+        raise ConfigError(f"{what}: no model directory at {path}")
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(
+            path, local_files_only=True, dtype=dtype, output_loading_info=True
+        )
+    except (OSError, ValueError, KeyError) as err:
+        raise ConfigError(f"{what}: {path} does not hold a masked language model ({error_line(err)})") from err
+    if info["missing_keys"]:
+        # A bare encoder checkpoint loads "successfully" with a random MLM head; its logits would be noise.
+        missing = sorted(info["missing_keys"])
+        raise ConfigError(f"{what}: {path} lacks masked-LM weights ({len(missing)} missing, e.g. {missing[0]})")
+    return model
+
+
+def load_teacher(path: str, *, dtype: torch.dtype, device: torch.device | str) -> PreTrainedModel:
+    """A frozen masked LM from a local Hugging Face directory, in eval mode, cast to `dtype` on `device`."""
+    model = load_masked_lm_dir(path, dtype=dtype, what="teacher")
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def layer_map(n_teacher: int, n_student: int) -> list[int]:
+    """Evenly spaced teacher layers for each student layer, first and last included (12 -> 6: [0, 2, 4, 7, 9, 11]).
+
+    Rounds half up in integer arithmetic, so the map does not depend on float rounding. A one-layer student
+    takes the teacher's first layer: it is the only one trained on embedding outputs.
+    """
+    if not 1 <= n_student <= n_teacher:
+        raise ConfigError(f"student num_layers must be between 1 and the teacher's {n_teacher}, got {n_student}")
+    if n_student == 1:
+        return [0]
+    span, steps = n_teacher - 1, n_student - 1
+    return [(2 * i * span + steps) // (2 * steps) for i in range(n_student)]
+
+
+def student_config(teacher_config: PreTrainedConfig, *, num_layers: int | None = None) -> DistilBertConfig:
+    """The teacher's architecture as a DistilBertConfig at half depth (or `num_layers`)."""
+    t = teacher_config
+    _family(t)
+    n_layers = max(1, t.num_hidden_layers // 2) if num_layers is None else num_layers
+    layer_map(t.num_hidden_layers, n_layers)  # validates n_layers
+    if not isinstance(t.hidden_act, str):
+        raise ConfigError(f"teacher hidden_act must be a named activation, got {t.hidden_act!r}")
+    if _family(t).offset_positions and t.hidden_act != "gelu":
+        warnings.warn(f"RoBERTa's MLM head uses gelu, the student's uses hidden_act {t.hidden_act!r}", stacklevel=2)
+    if t.layer_norm_eps != _DISTILBERT_LN_EPS:
+        warnings.warn(
+            f"teacher layer_norm_eps={t.layer_norm_eps} but DistilBERT uses {_DISTILBERT_LN_EPS}: the student's "
+            "outputs at init match the teacher's only approximately",
+            stacklevel=2,
+        )
+    return DistilBertConfig(
+        vocab_size=t.vocab_size,
+        max_position_embeddings=t.max_position_embeddings - _position_offset(t),
+        sinusoidal_pos_embds=False,
+        n_layers=n_layers,
+        n_heads=t.num_attention_heads,
+        dim=t.hidden_size,
+        hidden_dim=t.intermediate_size,
+        dropout=t.hidden_dropout_prob,
+        attention_dropout=t.attention_probs_dropout_prob,
+        activation=t.hidden_act,
+        initializer_range=t.initializer_range,
+        pad_token_id=t.pad_token_id,
+        bos_token_id=t.bos_token_id,
+        eos_token_id=t.eos_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def _embedding_tensors(state: dict[str, torch.Tensor], config: PreTrainedConfig, n_pos: int) -> dict:
+    src = f"{_family(config).prefix}.embeddings"
+    offset = _position_offset(config)
+    positions = state[f"{src}.position_embeddings.weight"][offset : offset + n_pos].float()
+    token_type = state.get(f"{src}.token_type_embeddings.weight")
+    if token_type is not None:
+        positions = positions + token_type[0].float()
+    return {
+        "distilbert.embeddings.word_embeddings.weight": state[f"{src}.word_embeddings.weight"],
+        "distilbert.embeddings.position_embeddings.weight": positions,
+        "distilbert.embeddings.LayerNorm.weight": state[f"{src}.LayerNorm.weight"],
+        "distilbert.embeddings.LayerNorm.bias": state[f"{src}.LayerNorm.bias"],
+    }
+
+
+def _teacher_tensors(teacher: PreTrainedModel, student_config: DistilBertConfig) -> dict[str, torch.Tensor]:
+    """Student parameter name -> the teacher tensor it is initialised from."""
+    config = teacher.config
+    family = _family(config)
+    state = teacher.state_dict()
+    out = _embedding_tensors(state, config, student_config.max_position_embeddings)
+    for i, j in enumerate(layer_map(config.num_hidden_layers, student_config.n_layers)):
+        for s_name, t_name in _LAYER_NAMES.items():
+            for kind in ("weight", "bias"):
+                source = f"{family.prefix}.encoder.layer.{j}.{t_name}.{kind}"
+                out[f"distilbert.transformer.layer.{i}.{s_name}.{kind}"] = state[source]
+    for s_name, t_name in (("vocab_transform", family.transform), ("vocab_layer_norm", family.head_norm)):
+        for kind in ("weight", "bias"):
+            out[f"{s_name}.{kind}"] = state[f"{t_name}.{kind}"]
+    # The projector weight is the word embedding matrix (tied); only its bias is a tensor of its own.
+    out["vocab_projector.bias"] = state[f"{family.projection}.bias"]
+    return out
+
+
+def build_student(
+    teacher: PreTrainedModel, *, num_layers: int | None = None, init: str = "teacher"
+) -> DistilBertForMaskedLM:
+    """A DistilBertForMaskedLM of the teacher's width, initialised from the teacher or at random (the baseline).
+
+    "random" draws from the default generator: seed it first for a reproducible baseline.
+    """
+    if init not in ("teacher", "random"):
+        raise ConfigError(f"student init must be 'teacher' or 'random', got {init!r}")
+    config = student_config(teacher.config, num_layers=num_layers)
+    student = DistilBertForMaskedLM(config)
+    if init == "random":
+        return student
+    if not getattr(teacher.config, "tie_word_embeddings", True):
+        warnings.warn(
+            "teacher's vocab projection is untied; the student's is tied to the word embeddings", stacklevel=2
+        )
+    sources = _teacher_tensors(teacher, config)
+    params = dict(student.named_parameters())  # the tied projector weight is listed once, as word_embeddings
+    assert set(params) == set(sources), sorted(set(params) ^ set(sources))
+    with torch.no_grad():
+        for name, param in params.items():
+            param.copy_(sources[name])
+    return student
+
+
+def check_vocab(*, teacher_vocab: int, student_vocab: int, tokenizer_vocab: int, what: str = "") -> None:
+    """Raise ConfigError unless teacher and student share one vocabulary the tokenizer fits into.
+
+    A tokenizer smaller than the embedding matrix is fine (matrices are often padded to a multiple of 8);
+    a larger one would produce ids past the last embedding row.
+    """
+    where = f"{what}: " if what else ""
+    if teacher_vocab != student_vocab:
+        raise ConfigError(
+            f"{where}teacher vocab_size {teacher_vocab} != student vocab_size {student_vocab}; they must be equal"
+        )
+    if tokenizer_vocab > teacher_vocab:
+        raise ConfigError(
+            f"{where}tokenizer has {tokenizer_vocab} tokens but the model's vocab_size is {teacher_vocab}; "
+            "use the tokenizer the teacher was trained with"
+        )
+
+
+def mlm_outputs(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits (B, L, V), last hidden state (B, L, H)) of a BERT / RoBERTa / DistilBERT masked LM or its engine.
+
+    No token_type_ids: the student has none, and zeros are what the teacher would use anyway.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    return out.logits, out.hidden_states[-1]
+
+
+class LMHeadInput(NamedTuple):
+    """What a fused loss needs instead of logits: logits = x @ weight.T + bias."""
+
+    x: torch.Tensor  # (B, L, H) input of the vocabulary projection
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None  # (V,)
+    last_hidden: torch.Tensor  # (B, L, H), for the cosine term
+
+
+def _head_transform(model: PreTrainedModel, hidden: torch.Tensor) -> tuple[torch.Tensor, nn.Linear]:
+    kind = model.config.model_type
+    if kind == "distilbert":
+        x = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+        return x, model.vocab_projector
+    if _family(model.config) is _BERT:
+        return model.cls.predictions.transform(hidden), model.cls.predictions.decoder
+    head = model.lm_head  # RoBERTa's head applies gelu whatever hidden_act says
+    return head.layer_norm(gelu(head.dense(hidden))), head.decoder
+
+
+def lm_head_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LMHeadInput:
+    """Run the encoder and the MLM head up to, not including, the vocabulary projection.
+
+    Calls the submodules directly, so the (B, L, V) logits never exist. Under ZeRO-3 the returned weight
+    is a partitioned parameter: gather it before use.
+    """
+    inner = getattr(model, "module", model)  # a DeepSpeed engine keeps the model as .module
+    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    x, projection = _head_transform(inner, hidden)
+    return LMHeadInput(x, projection.weight, projection.bias, hidden)

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny offline corpus, tokenizer and prepared dataset, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from distil_scale.data.corpus import write_synthetic_corpus
+from distil_scale.data.shards import prepare
+from distil_scale.data.tokenizer import train_wordpiece
+
+# Odd on purpose: shard boundaries then fall inside rank and worker blocks, the case the stream must get right.
+TINY_SAMPLES_PER_SHARD = 37
+TINY_MAX_SEQ_LENGTH = 64
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a 300-document synthetic corpus (.txt, one document per line)."""
+    return write_synthetic_corpus(str(tmp_path_factory.mktemp("corpus") / "corpus.txt"), num_docs=300, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_corpus: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Directory of a 400-token WordPiece tokenizer trained on `tiny_corpus`."""
+    with open(tiny_corpus, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    return train_wordpiece(lines, vocab_size=400, out_dir=str(tmp_path_factory.mktemp("tok") / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_corpus: str, tiny_tokenizer: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Directory of `tiny_corpus` prepared into shards of 37 sequences of at most 64 tokens (~15 train shards)."""
+    out_dir = str(tmp_path_factory.mktemp("dataset"))
+    prepare(
+        [tiny_corpus],
+        tokenizer_dir=tiny_tokenizer,
+        out_dir=out_dir,
+        max_seq_length=TINY_MAX_SEQ_LENGTH,
+        samples_per_shard=TINY_SAMPLES_PER_SHARD,
+        heldout_fraction=0.1,
+        num_proc=2,
+        seed=0,
+        progress=False,
+    )
+    assert os.path.exists(os.path.join(out_dir, "dataset.json"))
+    return out_dir

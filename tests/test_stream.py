@@ -1,0 +1,194 @@
+"""The resumable stream: rank x worker splits, determinism, resume, pipe: URLs, safe decoding."""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from distil_scale.config import ConfigError
+from distil_scale.data import stream as stream_module
+from distil_scale.data.masking import Masker
+from distil_scale.data.shards import read_manifest
+from distil_scale.data.stream import BatchStream, make_loader, read_shard, resume_plan
+
+
+def _make(dataset: str, split: str = "train", **overrides) -> BatchStream:
+    manifest = read_manifest(dataset)
+    masker = Masker(
+        manifest.token_probs(),
+        mask_id=manifest.special_ids["mask"],
+        vocab_size=manifest.vocab_size,
+        special_ids=manifest.all_special_ids,
+    )
+    kwargs = {
+        "rank": 0,
+        "world_size": 1,
+        "seed": 7,
+        "micro_batch_size": 8,
+        "masker": masker,
+        "pad_id": 0,
+        "shuffle_buffer": 50,
+        "group_batches": 4,
+        "max_epochs": 1,
+    }
+    kwargs.update(overrides)
+    urls = manifest.urls(split, url_template=kwargs.pop("url_template", None))
+    num_shards = kwargs.pop("num_shards", len(urls))
+    return BatchStream(urls[:num_shards], manifest.samples(split)[:num_shards], **kwargs)
+
+
+def _as_worker(monkeypatch, worker: int, num_workers: int) -> None:
+    info = SimpleNamespace(id=worker, num_workers=num_workers)
+    monkeypatch.setattr(stream_module, "get_worker_info", lambda: info)
+
+
+def _assert_same_batches(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert a["keys"] == b["keys"] and a["epoch"] == b["epoch"]
+        for name in ("input_ids", "attention_mask", "labels"):
+            torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_rank_worker_blocks_are_disjoint_complete_and_equal(tiny_dataset, monkeypatch, world_size, num_workers):
+    all_keys = {key for url in read_manifest(tiny_dataset).urls("train") for key, _ in read_shard(url)}
+    seen: list[str] = []
+    for rank in range(world_size):
+        stream = _make(tiny_dataset, rank=rank, world_size=world_size)
+        rank_batches = 0
+        for worker in range(num_workers):
+            _as_worker(monkeypatch, worker, num_workers)
+            batches = list(stream)
+            rank_batches += len(batches)
+            seen += [key for batch in batches for key in batch["keys"]]
+        assert rank_batches == stream.batches_per_epoch(num_workers)  # equal on every rank: nobody waits forever
+    assert len(seen) == len(set(seen))
+    assert set(seen) <= all_keys and len(all_keys) - len(seen) == len(all_keys) % world_size
+
+
+def test_epochs_reshuffle_and_runs_repeat(tiny_dataset):
+    first = list(_make(tiny_dataset, max_epochs=2))
+    again = list(_make(tiny_dataset, max_epochs=2))
+    _assert_same_batches(again, first)
+    epoch0 = [k for b in first if b["epoch"] == 0 for k in b["keys"]]
+    epoch1 = [k for b in first if b["epoch"] == 1 for k in b["keys"]]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+    other_seed = [k for b in _make(tiny_dataset, seed=8) for k in b["keys"]]
+    assert other_seed != epoch0
+
+
+def test_batch_layout(tiny_dataset):
+    batches = list(_make(tiny_dataset))
+    samples = {key: ids for url in read_manifest(tiny_dataset).urls("train") for key, ids in read_shard(url)}
+    for batch in batches:
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        assert ids.dtype == mask.dtype == labels.dtype == torch.int64
+        assert ids.shape == mask.shape == labels.shape and ids.shape[1] % 8 == 0 and ids.shape[0] == len(batch["keys"])
+        lengths = [len(samples[key]) for key in batch["keys"]]
+        assert ids.shape[1] == -(-max(lengths) // 8) * 8
+        torch.testing.assert_close(mask.sum(1), torch.tensor(lengths))
+        assert (labels[mask == 0] == -100).all() and (ids[mask == 0] == 0).all()
+        original = torch.where(labels == -100, ids, labels)
+        for row, key in enumerate(batch["keys"]):
+            torch.testing.assert_close(original[row, : lengths[row]], torch.from_numpy(samples[key].astype(np.int64)))
+    assert [len(b["keys"]) for b in batches].count(8) >= len(batches) - 1
+    # Length grouping: far less padding than batches drawn at random from the same samples.
+    padded = sum(b["attention_mask"].numel() for b in batches)
+    assert padded < 1.25 * sum(len(v) for v in samples.values())
+
+
+def _service_order(totals: list[int]) -> list[int]:
+    """The DataLoader's order: round-robin over workers, an exhausted worker dropped from the cycle."""
+    return [w for r in range(max(totals, default=0)) for w in range(len(totals)) if r < totals[w]]
+
+
+def test_resume_plan_continues_the_round_robin():
+    totals = [5, 3, 4]
+    order = _service_order(totals)
+    for k in range(len(order) + 3):
+        skips, rotation = resume_plan(k, totals)
+        assert skips == [order[:k].count(w) for w in range(3)]
+        # A fresh loader serves its worker i, which plays worker (i + rotation) % 3, from the start of its cycle.
+        remaining = [totals[(i + rotation) % 3] - skips[(i + rotation) % 3] for i in range(3)]
+        assert [(i + rotation) % 3 for i in _service_order(remaining)] == order[k:]
+    assert resume_plan(10, [float("inf")] * 3) == ([4, 3, 3], 1)
+
+
+def test_skip_batches_resumes_exactly_with_two_workers(tiny_dataset):
+    # Three shards and a micro-batch size that give the two workers different batch counts: one of them runs
+    # out first in every epoch, the case where the DataLoader's round-robin is hardest to replay.
+    kwargs = {"num_shards": 3, "max_epochs": 2}
+    uneven = [
+        b for b in range(3, 16) if len(set(_make(tiny_dataset, micro_batch_size=b, **kwargs)._worker_batches(2))) == 2
+    ]
+    assert uneven
+    kwargs["micro_batch_size"] = uneven[0]
+    per_epoch = _make(tiny_dataset, **kwargs).batches_per_epoch(2)
+    full = list(make_loader(_make(tiny_dataset, **kwargs), num_workers=2))
+    assert len(full) == 2 * per_epoch
+    for skip in (3, per_epoch - 1, per_epoch + 2):
+        resumed = list(make_loader(_make(tiny_dataset, skip_batches=skip, **kwargs), num_workers=2))
+        _assert_same_batches(resumed, full[skip:])
+
+
+def test_skip_batches_in_process_across_epochs(tiny_dataset):
+    full = list(_make(tiny_dataset, max_epochs=3))
+    per_epoch = len(full) // 3
+    for skip in (1, per_epoch, 2 * per_epoch + 2):
+        _assert_same_batches(list(_make(tiny_dataset, max_epochs=3, skip_batches=skip)), full[skip:])
+
+
+def test_pipe_urls_read_the_same_samples(tiny_dataset):
+    template = "pipe:cat " + os.path.join(os.path.abspath(tiny_dataset), "{name}")
+    _assert_same_batches(list(_make(tiny_dataset, url_template=template)), list(_make(tiny_dataset)))
+
+
+class _Payload:
+    """Unpickling this runs code that creates a marker file: proof that something was deserialised."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+
+
+def test_malicious_entries_are_never_decoded(tmp_path):
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps(_Payload(str(marker)))
+    good = np.arange(2, 20, dtype="<u2")
+    with tarfile.open(tmp_path / "evil.tar", "w") as tar:
+        _add(tar, "a.ids.u16", good.tobytes())
+        _add(tar, "a.pyd", payload)
+        _add(tar, "b.pth", payload)
+        _add(tar, "b.pickle", payload)
+        _add(tar, "c.ids.u16", good[::-1].tobytes())
+    with pytest.warns(UserWarning, match="'b' has no valid ids entry"):
+        got = list(read_shard(str(tmp_path / "evil.tar")))
+    assert [key for key, _ in got] == ["a", "c"]
+    np.testing.assert_array_equal(got[0][1], good)
+    assert not marker.exists()
+
+
+def test_constructor_rejects_impossible_splits(tiny_dataset):
+    with pytest.raises(ConfigError, match="rank 2 is outside world_size 2"):
+        _make(tiny_dataset, rank=2, world_size=2)
+    with pytest.raises(ConfigError, match="fewer than world_size"):
+        _make(tiny_dataset, world_size=10**6)
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        _make(tiny_dataset, micro_batch_size=0)
