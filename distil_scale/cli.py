@@ -51,7 +51,9 @@ def _prepare(args: argparse.Namespace, overrides: list[str]) -> int:
         text_field=args.text_field,
         seed=args.seed,
     )
-    print(f"distil-scale: wrote {manifest.describe()} to {args.out}")
+    totals = {split: manifest.totals(split) for split in manifest.splits}
+    summary = ", ".join(f"{split}: {t['samples']} sequences / {t['tokens']} tokens" for split, t in totals.items())
+    print(f"distil-scale: prepared {args.out} ({summary})")
     return 0
 
 
