@@ -97,6 +97,20 @@ def open_sinks(output_dir: str, *, max_steps: int, tensorboard: bool, resumed_st
     return MultiSink(sinks)
 
 
+class AuditLog:
+    """`audit/rank<r>.jsonl`: the sample keys each optimizer step trained on, one row per step, every rank."""
+
+    def __init__(self, output_dir: str, rank: int, *, keep_until_step: int):
+        os.makedirs(os.path.join(output_dir, "audit"), exist_ok=True)
+        self._sink = JsonlSink(os.path.join(output_dir, "audit", f"rank{rank}.jsonl"), keep_until_step=keep_until_step)
+
+    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+        self._sink.write({"step": step, "epoch": epoch, "keys": keys})
+
+    def close(self) -> None:
+        self._sink.close()
+
+
 def truncate_after_step(path: str, step: int) -> None:
     """Drop rows logged after `step` (a resume replays those steps; the file must describe one history)."""
     if not os.path.exists(path):

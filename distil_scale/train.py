@@ -18,7 +18,7 @@ from distil_scale.config import Config, save_config
 from distil_scale.engine import Placement, build_engine, init_distributed
 from distil_scale.inputs import build_models, ensure_inputs, make_batches, tokenizer_dir
 from distil_scale.losses import triple_loss
-from distil_scale.metrics import Clock, open_sinks
+from distil_scale.metrics import AuditLog, Clock, open_sinks
 from distil_scale.models import mlm_outputs
 
 
@@ -122,6 +122,7 @@ def train(cfg: Config) -> dict:
             tensorboard=cfg.log.tensorboard,
             resumed_step=state["step"],
         )
+    audit = AuditLog(cfg.run.output_dir, placement.rank, keep_until_step=state["step"]) if cfg.data.audit else None
     clock, start_step = Clock(state["elapsed_s"]), state["step"]
     row = {}
     sums = torch.zeros(5, device=placement.device)
@@ -130,14 +131,18 @@ def train(cfg: Config) -> dict:
     while state["step"] < cfg.train.max_steps:
         # The rate this step's update uses (the scheduler advances inside the boundary engine.step()).
         lr = engine.optimizer.param_groups[0]["lr"]
+        keys = []
         for _ in range(accum):
             batch = next(batches)
             sums += micro_step(engine, teacher, _to(batch, placement.device), cfg)
             state["epoch"] = batch["epoch"]
+            keys.extend(batch["keys"])
             span_micro += 1
         state["step"] += 1
         state["samples"] += cfg.train.sequences_per_step
         step = state["step"]
+        if audit is not None:
+            audit.write(step, state["epoch"], keys)
         if step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
             tokens_before = state["tokens"]
             row = _log_row(
@@ -166,8 +171,9 @@ def train(cfg: Config) -> dict:
                 model_config=engine.module.config,
                 keep_last=cfg.checkpoint.keep_last,
             )
-    if sink is not None:
-        sink.close()
+    for log in (sink, audit):
+        if log is not None:
+            log.close()
     if cfg.checkpoint.export:
         _export(cfg, placement, save_dir, manifest)
     return row

@@ -51,7 +51,12 @@ def _launch(out_dir, inputs, *overrides: str, num_procs: int = 2) -> subprocess.
 @pytest.mark.parametrize("zero_stage", [3])
 def test_two_ranks_train_checkpoint_resume_export(tmp_path, zero_stage):
     out, inputs = tmp_path / "run", tmp_path / "inputs"
-    common = [f"--train.zero_stage={zero_stage}", "--checkpoint.every_steps=2", "--checkpoint.keep_last=2"]
+    common = [
+        f"--train.zero_stage={zero_stage}",
+        "--checkpoint.every_steps=2",
+        "--checkpoint.keep_last=2",
+        "--data.audit=true",
+    ]
     _launch(out, inputs, *common, "--train.max_steps=3")
     tags = sorted(os.listdir(out / "checkpoints"))
     assert [t for t in tags if t.startswith("step")] == ["step00000002", "step00000003"]
@@ -72,6 +77,14 @@ def test_two_ranks_train_checkpoint_resume_export(tmp_path, zero_stage):
         "step00000004",
         "step00000005",
     ]
+
+    # The audit says what each step trained on: 8 sequences per rank, no sample twice, the resumed run
+    # rewrote steps 4-5 after the checkpoint of step 3 without duplicating rows.
+    audits = [[json.loads(x) for x in (out / "audit" / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    assert [[a["step"] for a in rows] for rows in audits] == [[1, 2, 3, 4, 5]] * 2
+    keys = [k for rows in audits for a in rows for k in a["keys"]]
+    assert all(len(a["keys"]) == 8 for rows in audits for a in rows)
+    assert len(keys) == len(set(keys)) == 80
 
     from transformers import AutoModelForMaskedLM, pipeline
 
