@@ -119,3 +119,10 @@ def test_launcher_exits_2_with_one_line_and_writes_nothing(tmp_path, args, needl
     assert len(lines) == 1 and needle in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
     assert not out.exists()
+
+
+def test_readme_documents_every_key_as_the_code_explains_it():
+    from distil_scale.config import explain
+
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        assert explain() in f.read()
