@@ -26,7 +26,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff>=0.6"],
+        "test": ["pytest>=8", "ruff==0.17.5"],
         "bench": ["liger-kernel"],
     },
     entry_points={"console_scripts": ["distil-scale=distil_scale.cli:main"]},
