@@ -116,12 +116,7 @@ def heldout_batches(
     from distil_scale.data.stream import BatchStream
 
     manifest = read_manifest(data)
-    masker = Masker(
-        manifest.token_probs(),
-        mask_id=manifest.special_ids["mask"],
-        vocab_size=manifest.vocab_size,
-        special_ids=manifest.all_special_ids,
-    )
+    masker = Masker.for_manifest(manifest)
     stream = BatchStream(
         manifest.urls(split),
         manifest.samples(split),

@@ -137,13 +137,7 @@ def make_batches(cfg: Config, manifest: Manifest, placement: Placement, *, skip_
     from distil_scale.data.masking import Masker
     from distil_scale.data.stream import BatchStream, make_loader
 
-    masker = Masker(
-        manifest.token_probs(smoothing=cfg.data.mlm_smoothing),
-        mask_id=manifest.special_ids["mask"],
-        vocab_size=manifest.vocab_size,
-        special_ids=manifest.all_special_ids,
-        mlm_probability=cfg.data.mlm_probability,
-    )
+    masker = Masker.for_manifest(manifest, smoothing=cfg.data.mlm_smoothing, mlm_probability=cfg.data.mlm_probability)
     stream = BatchStream(
         manifest.urls("train", url_template=cfg.data.url_template),
         manifest.samples("train"),

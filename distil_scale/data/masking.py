@@ -63,6 +63,17 @@ class Masker:
         self.mask_fraction = mask_fraction
         self.random_fraction = random_fraction
 
+    @classmethod
+    def for_manifest(cls, manifest, *, smoothing: float = 0.7, mlm_probability: float = 0.15) -> Masker:
+        """The masker of a prepared dataset: its token counts, vocabulary and special ids."""
+        return cls(
+            manifest.token_probs(smoothing=smoothing),
+            mask_id=manifest.special_ids["mask"],
+            vocab_size=manifest.vocab_size,
+            special_ids=manifest.all_special_ids,
+            mlm_probability=mlm_probability,
+        )
+
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
