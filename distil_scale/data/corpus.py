@@ -7,8 +7,10 @@ directories into one `datasets.Dataset` with a single "text" column.
 grammar over a few hundred words. It holds three kinds of signal so that MLM accuracy means something:
 facts to memorise (where each person lives, their job, pet and the colours of their things: fixed across the
 whole corpus), syntax to learn (subject-verb agreement across relative clauses and adjectives), and arithmetic
-(number words with correct sums, differences and products). A deeper teacher learns more of it than a small
-student trained from scratch in the same few minutes, which is what distillation has to show.
+(tables of small sums, differences and products in number words). A deeper teacher learns more of it than a
+small student trained from scratch in the same few minutes, which is what distillation has to show. Held-out
+documents come from the same generator and the same world, so evaluation measures what was learnt about the
+world, on documents never trained on.
 """
 
 from __future__ import annotations
@@ -138,13 +140,20 @@ class _Person:
     things: tuple[tuple[str, str], ...]  # (object, colour): the colour of each owned object never changes
 
 
-def _make_world() -> list[_Person]:
+@dataclass(frozen=True)
+class _World:
+    people: list[_Person]
+    habits: dict[str, tuple[str, str]]  # animal -> (verb, animal): what every animal of that kind does, to whom
+
+
+def _make_world() -> _World:
     rng = random.Random(_WORLD_SEED)
     people = []
     for name in _NAMES:
         things = tuple((obj, rng.choice(_COLOURS)) for obj in rng.sample(_OBJECTS, 3))
         people.append(_Person(name, rng.choice(list(_CITIES)), rng.choice(_JOBS), rng.choice(list(_ANIMALS)), things))
-    return people
+    habits = {animal: (rng.choice(list(_VERBS)), rng.choice(list(_ANIMALS))) for animal in _ANIMALS}
+    return _World(people, habits)
 
 
 def _fact(rng: random.Random, p: _Person) -> str:
@@ -153,46 +162,52 @@ def _fact(rng: random.Random, p: _Person) -> str:
         [
             f"{p.name} lives in {p.city} .",
             f"{p.name} lives in {p.city} , a city in {_CITIES[p.city]} .",
+            f"{p.city} is a city in {_CITIES[p.city]} .",
             f"{p.name} works as a {p.job} .",
+            f"the {p.job} {p.name} lives in {p.city} .",
             f"the {p.job} {p.name} has a {p.pet} .",
             f"the pet of {p.name} is a {p.pet} .",
             f"the {obj} of {p.name} is {colour} .",
             f"{p.name} has a {colour} {obj} .",
-            f"where does {p.name} live ? {p.name} lives in {p.city} .",
+            f"where does {p.name} live ? in {p.city} .",
+            f"what does {p.name} do ? {p.name} is a {p.job} .",
         ]
     )
 
 
-def _noun_phrase(rng: random.Random, *, plural: bool) -> str:
-    noun = rng.choice(list(_ANIMALS))
-    noun = _ANIMALS[noun] if plural else noun
+def _noun_phrase(rng: random.Random, animal: str, *, plural: bool) -> str:
     adjective = rng.choice(_ADJECTIVES) + " " if rng.random() < 0.4 else ""
-    return f"the {adjective}{noun}"
+    return f"the {adjective}{_ANIMALS[animal] if plural else animal}"
 
 
-def _agreement(rng: random.Random) -> str:
+def _agreement(rng: random.Random, habits: dict[str, tuple[str, str]]) -> str:
     # The verb agrees with the head noun, never with the noun inside the relative clause between them: the
-    # long-range dependency that extra depth helps with.
+    # long-range dependency that extra depth helps with. The verb and its object are the head noun's habit, so
+    # they can be learnt; the adjectives and the relative clause are noise.
+    animal = rng.choice(list(_ANIMALS))
     plural = rng.random() < 0.5
-    subject = _noun_phrase(rng, plural=plural)
+    verb, target = habits[animal]
+    subject = _noun_phrase(rng, animal, plural=plural)
     if rng.random() < 0.5:
         inner_plural = rng.random() < 0.5
         inner_verb = rng.choice(list(_VERBS))
-        inner = _noun_phrase(rng, plural=inner_plural) if rng.random() < 0.5 else rng.choice(_NAMES)
-        inner_plural = inner_plural and inner.startswith("the ")
+        if rng.random() < 0.5:
+            inner = _noun_phrase(rng, rng.choice(list(_ANIMALS)), plural=inner_plural)
+        else:
+            inner, inner_plural = rng.choice(_NAMES), False
         subject += f" that {inner} {_VERBS[inner_verb] if inner_plural else inner_verb}"
-    verb = rng.choice(list(_VERBS))
-    obj = _noun_phrase(rng, plural=rng.random() < 0.5)
+    obj = _noun_phrase(rng, target, plural=rng.random() < 0.5)
     return f"{subject} {_VERBS[verb] if plural else verb} {obj} ."
 
 
 def _arithmetic(rng: random.Random) -> str:
+    # Small operands: a table of a few hundred facts that a deeper model memorises faster, not long addition.
     kind = rng.randrange(3)
     if kind == 0:
-        a, b = rng.randrange(50), rng.randrange(50)
+        a, b = rng.randrange(10), rng.randrange(10)
         return f"{_number(a)} plus {_number(b)} is {_number(a + b)} ."
     if kind == 1:
-        a = rng.randrange(100)
+        a = rng.randrange(20)
         b = rng.randrange(a + 1)
         return f"{_number(a)} minus {_number(b)} is {_number(a - b)} ."
     a, b = rng.randrange(1, 10), rng.randrange(1, 10)
@@ -207,18 +222,20 @@ def _sequence(rng: random.Random) -> str:
     return f"the month after {_MONTHS[i]} is {_MONTHS[(i + 1) % len(_MONTHS)]} ."
 
 
-def _document(rng: random.Random, world: list[_Person]) -> str:
+def _document(rng: random.Random, world: _World) -> str:
     # Log-uniform lengths: many short documents, some long ones that exercise padding and length grouping.
     target = int(_MIN_WORDS * (_MAX_WORDS / _MIN_WORDS) ** rng.random())
-    topic = rng.choice(world)
+    topic = rng.choice(world.people)
     generators: list[Callable[[], str]] = [
         lambda: _fact(rng, topic),
-        lambda: _fact(rng, rng.choice(world)),
-        lambda: _agreement(rng),
+        lambda: _fact(rng, rng.choice(world.people)),
+        lambda: _agreement(rng, world.habits),
         lambda: _arithmetic(rng),
         lambda: _sequence(rng),
     ]
-    weights = [4, 2, 3, 2, 1]
+    # Facts about anyone outweigh the topic's: they have to be memorised, where the topic's facts, repeated
+    # within a document, can also be copied from context.
+    weights = [2, 4, 3, 2, 1]
     words: list[str] = []
     while len(words) < target:
         sentence = rng.choices(generators, weights)[0]().split()
