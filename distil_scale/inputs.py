@@ -32,8 +32,8 @@ def _manifest_path(cfg: Config) -> str:
 
 
 def tokenizer_dir(cfg: Config, manifest: Manifest | None = None) -> str:
-    """The tokenizer shipped with exports: data.tokenizer, else the teacher's directory."""
-    for path in (cfg.data.tokenizer, cfg.teacher.path):
+    """The tokenizer shipped with exports: data.tokenizer, else the copy kept with the shards, else the teacher's."""
+    for path in (cfg.data.tokenizer, manifest.tokenizer_dir if manifest else None, cfg.teacher.path):
         if _has_tokenizer(path):
             return path
     raise ConfigError("data.tokenizer: no tokenizer found (set data.tokenizer or use a teacher dir with one)")
