@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Before anything imports triton: the Triton kernels then run on CPU tensors through the interpreter.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from distil_scale.data.corpus import write_synthetic_corpus
-from distil_scale.data.shards import prepare
-from distil_scale.data.tokenizer import train_wordpiece
+import pytest  # noqa: E402
+
+from distil_scale.data.corpus import write_synthetic_corpus  # noqa: E402
+from distil_scale.data.shards import prepare  # noqa: E402
+from distil_scale.data.tokenizer import train_wordpiece  # noqa: E402
 
 # Odd on purpose: shard boundaries then fall inside rank and worker blocks, the case the stream must get right.
 TINY_SAMPLES_PER_SHARD = 37
