@@ -19,6 +19,10 @@ Every softmax and log-sum-exp runs in fp32 whatever the input dtype. Rows are se
 
 A term whose alpha is 0 is skipped (not computed) and reported as a zero tensor; its teacher tensor may
 then be None (an MLM-only teacher run, or the from-scratch baseline with alpha_kd = alpha_cos = 0).
+
+`loss.impl: fused` computes the same terms with the `kernels` package instead: `head_loss` makes the function
+the student's vocabulary projection runs in place of its logits (see models.projection_replaced), fusing both
+LM heads into `linear_kd_mlm_loss`, and `fused_triple_loss` adds the cosine term and the weights.
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from distil_scale.models import LMHeadInput
+from kernels import cosine_loss, linear_kd_mlm_loss
 
 IGNORE_INDEX = -100
 
@@ -133,5 +140,54 @@ def triple_loss(
         mlm = mlm_term(s_logits, flat_labels)
     if alpha_cos > 0:
         cos = cos_term(student_hidden.reshape(-1, width), teacher_hidden.reshape(-1, width), real)
+    total = alpha_kd * kd + alpha_mlm * mlm + alpha_cos * cos
+    return LossTerms(total=total, kd=kd, mlm=mlm, cos=cos)
+
+
+def head_loss(
+    teacher: LMHeadInput | None,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    temperature: float,
+    alpha_kd: float,
+    alpha_mlm: float,
+    restrict_kd_to_mlm: bool = False,
+):
+    """fn(x, weight, bias) -> (kd, mlm) of the student's LM head against the teacher's, for projection_replaced.
+
+    The (B, L, V) logits of neither model are made. Without a teacher (alpha_kd = 0) the student's own head
+    stands in for it with no kd rows, so only its labelled rows are ever projected.
+    """
+    labels = labels.reshape(-1) if alpha_mlm > 0 else torch.full_like(labels.reshape(-1), IGNORE_INDEX)
+    if alpha_kd == 0:
+        kd_rows = torch.zeros_like(labels, dtype=torch.bool)
+    else:
+        kd_rows = labels != IGNORE_INDEX if restrict_kd_to_mlm else attention_mask.reshape(-1).bool()
+
+    def fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        t_x, t_w, t_b = (x, weight, bias) if teacher is None else (teacher.x, teacher.weight, teacher.bias)
+        return linear_kd_mlm_loss(x, weight, bias, t_x, t_w, t_b, labels, kd_rows, temperature=temperature)
+
+    return fn
+
+
+def fused_triple_loss(
+    kd_mlm: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor,
+    student_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor | None,
+    *,
+    alpha_kd: float,
+    alpha_mlm: float,
+    alpha_cos: float,
+) -> LossTerms:
+    """The triple loss from head_loss's (kd, mlm) and the fused cosine kernel; same values as triple_loss."""
+    kd, mlm = kd_mlm
+    cos = torch.zeros((), dtype=torch.float32, device=kd.device)
+    if alpha_cos > 0:
+        if teacher_hidden is None:
+            raise ValueError(f"teacher_hidden is None but its alpha is {alpha_cos}")
+        cos = cosine_loss(student_hidden, teacher_hidden, attention_mask)
     total = alpha_kd * kd + alpha_mlm * mlm + alpha_cos * cos
     return LossTerms(total=total, kd=kd, mlm=mlm, cos=cos)

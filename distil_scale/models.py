@@ -12,8 +12,10 @@ from padding_idx + 1, so the student takes the rows from that offset on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -262,15 +264,22 @@ class LMHeadInput(NamedTuple):
     last_hidden: torch.Tensor  # (B, L, H), for the cosine term
 
 
-def _head_transform(model: PreTrainedModel, hidden: torch.Tensor) -> tuple[torch.Tensor, nn.Linear]:
-    kind = model.config.model_type
-    if kind == "distilbert":
-        x = model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
-        return x, model.vocab_projector
+def _vocab_projection(model: PreTrainedModel) -> nn.Linear:
+    if model.config.model_type == "distilbert":
+        return model.vocab_projector
     if _family(model.config) is _BERT:
-        return model.cls.predictions.transform(hidden), model.cls.predictions.decoder
+        return model.cls.predictions.decoder
+    return model.lm_head.decoder
+
+
+def _head_transform(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The MLM head up to, not including, the vocabulary projection."""
+    if model.config.model_type == "distilbert":
+        return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
+    if _family(model.config) is _BERT:
+        return model.cls.predictions.transform(hidden)
     head = model.lm_head  # RoBERTa's head applies gelu whatever hidden_act says
-    return head.layer_norm(gelu(head.dense(hidden))), head.decoder
+    return head.layer_norm(gelu(head.dense(hidden)))
 
 
 def lm_head_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LMHeadInput:
@@ -281,5 +290,23 @@ def lm_head_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     """
     inner = getattr(model, "module", model)  # a DeepSpeed engine keeps the model as .module
     hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    x, projection = _head_transform(inner, hidden)
-    return LMHeadInput(x, projection.weight, projection.bias, hidden)
+    projection = _vocab_projection(inner)
+    return LMHeadInput(_head_transform(inner, hidden), projection.weight, projection.bias, hidden)
+
+
+@contextlib.contextmanager
+def projection_replaced(model: nn.Module, fn: Callable) -> Iterator[None]:
+    """Within the block, the model's vocabulary projection returns fn(x, weight, bias) instead of its logits.
+
+    The model's forward then hands back whatever fn returns in place of `logits`, and no (B, L, V) tensor is
+    made. The call still goes through the projection module, so a DeepSpeed engine's hooks run around fn: under
+    ZeRO-3 the (tied) weight is gathered while fn runs and released after, and fn's outputs are outputs of the
+    engine's forward, whose backward hooks must run before any parameter gradient (engine.forward registers them).
+    """
+    inner = getattr(model, "module", model)
+    projection = _vocab_projection(inner)
+    projection.forward = lambda x: fn(x, projection.weight, projection.bias)  # shadows the class's forward
+    try:
+        yield
+    finally:
+        del projection.forward

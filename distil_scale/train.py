@@ -17,36 +17,75 @@ from distil_scale import checkpoint
 from distil_scale.config import Config, save_config
 from distil_scale.engine import Placement, build_engine, init_distributed
 from distil_scale.inputs import build_models, ensure_inputs, make_batches, tokenizer_dir
-from distil_scale.losses import triple_loss
+from distil_scale.losses import LossTerms, fused_triple_loss, head_loss, triple_loss
 from distil_scale.metrics import AuditLog, Clock, open_sinks
-from distil_scale.models import mlm_outputs
+from distil_scale.models import lm_head_input, mlm_outputs, projection_replaced
 
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
 
 
-def micro_step(engine, teacher, batch: dict, cfg: Config) -> torch.Tensor:
-    """Forward + backward of one micro-batch; returns detached [total, kd, mlm, cos, real tokens]."""
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+def _eager_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
     t_logits = t_hidden = None
     if teacher is not None:
         with torch.no_grad():
             t_logits, t_hidden = mlm_outputs(teacher, ids, mask)
     s_logits, s_hidden = mlm_outputs(engine, ids, mask)
-    terms = triple_loss(
+    loss = cfg.loss
+    return triple_loss(
         s_logits,
         t_logits,
         labels,
         mask,
         s_hidden,
         t_hidden,
-        temperature=cfg.loss.temperature,
-        alpha_kd=cfg.loss.alpha_kd,
-        alpha_mlm=cfg.loss.alpha_mlm,
-        alpha_cos=cfg.loss.alpha_cos,
-        restrict_kd_to_mlm=cfg.loss.restrict_kd_to_mlm,
+        temperature=loss.temperature,
+        alpha_kd=loss.alpha_kd,
+        alpha_mlm=loss.alpha_mlm,
+        alpha_cos=loss.alpha_cos,
+        restrict_kd_to_mlm=loss.restrict_kd_to_mlm,
     )
+
+
+def _fused_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
+    """The same terms with no (B, L, V) logits: the LM heads run inside the fused kernels.
+
+    The student still runs through engine(...) (DeepSpeed's forward hooks and backward prologue), with its
+    vocabulary projection swapped for the fused head loss; see models.projection_replaced.
+    """
+    t_head = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_head = lm_head_input(teacher, ids, mask)
+    loss = cfg.loss
+    fn = head_loss(
+        t_head,
+        labels,
+        mask,
+        temperature=loss.temperature,
+        alpha_kd=loss.alpha_kd,
+        alpha_mlm=loss.alpha_mlm,
+        restrict_kd_to_mlm=loss.restrict_kd_to_mlm,
+    )
+    with projection_replaced(engine, fn):
+        out = engine(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return fused_triple_loss(
+        out.logits,
+        mask,
+        out.hidden_states[-1],
+        None if t_head is None else t_head.last_hidden,
+        alpha_kd=loss.alpha_kd,
+        alpha_mlm=loss.alpha_mlm,
+        alpha_cos=loss.alpha_cos,
+    )
+
+
+def micro_step(engine, teacher, batch: dict, cfg: Config) -> torch.Tensor:
+    """Forward + backward of one micro-batch; returns detached [total, kd, mlm, cos, real tokens]."""
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    terms_of = _fused_terms if cfg.loss.impl == "fused" else _eager_terms
+    terms = terms_of(engine, teacher, ids, mask, labels, cfg)
     # DeepSpeed divides by the accumulation steps itself and only steps the optimizer at the boundary.
     engine.backward(terms.total)
     engine.step()

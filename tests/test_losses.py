@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from distil_scale.losses import LossTerms, triple_loss
+from distil_scale.losses import LossTerms, fused_triple_loss, head_loss, triple_loss
+from distil_scale.models import LMHeadInput
 
 B, L, V, H = 3, 7, 41, 16
 ALPHAS = dict(alpha_kd=5.0, alpha_mlm=2.0, alpha_cos=1.0)
@@ -170,3 +171,49 @@ def test_rejects_inconsistent_inputs(change, match):
 def test_rejects_bad_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
         triple_loss(**_batch(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    "alphas, restrict",
+    [(ALPHAS, False), (ALPHAS, True), (dict(alpha_kd=0.0, alpha_mlm=1.0, alpha_cos=0.0), False)],
+)
+def test_fused_path_matches_triple_loss(alphas, restrict):
+    """head_loss + fused_triple_loss (the kernels, LM heads fused in) against triple_loss on the logits."""
+    gen = torch.Generator().manual_seed(5)
+    batch = _batch()
+    x_s, x_t = torch.randn(B, L, H, generator=gen), torch.randn(B, L, H, generator=gen)
+    w_s, w_t = torch.randn(V, H, generator=gen), torch.randn(V, H, generator=gen)
+    b_s, b_t = torch.randn(V, generator=gen), torch.randn(V, generator=gen)
+    teacher = None if alphas["alpha_kd"] == 0 else LMHeadInput(x_t, w_t, b_t, batch["teacher_hidden"])
+    leaves = [v.clone().requires_grad_() for v in (x_s, w_s, b_s, batch["student_hidden"])]
+    fn = head_loss(
+        teacher,
+        batch["labels"],
+        batch["attention_mask"],
+        temperature=2.0,
+        alpha_kd=alphas["alpha_kd"],
+        alpha_mlm=alphas["alpha_mlm"],
+        restrict_kd_to_mlm=restrict,
+    )
+    fused = fused_triple_loss(
+        fn(*leaves[:3]), batch["attention_mask"], leaves[3], None if teacher is None else teacher.last_hidden, **alphas
+    )
+    fused.total.backward()
+
+    refs = [v.clone().requires_grad_() for v in (x_s, w_s, b_s, batch["student_hidden"])]
+    eager = triple_loss(
+        refs[0] @ refs[1].T + refs[2],
+        x_t @ w_t.T + b_t,
+        batch["labels"],
+        batch["attention_mask"],
+        refs[3],
+        batch["teacher_hidden"],
+        temperature=2.0,
+        restrict_kd_to_mlm=restrict,
+        **alphas,
+    )
+    eager.total.backward()
+    for name in LossTerms._fields:
+        torch.testing.assert_close(getattr(fused, name), getattr(eager, name), rtol=1e-5, atol=1e-6, msg=name)
+    for ours, theirs in zip(leaves, refs):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6)

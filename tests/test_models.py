@@ -22,6 +22,7 @@ from distil_scale.models import (
     lm_head_input,
     load_teacher,
     mlm_outputs,
+    projection_replaced,
     student_config,
 )
 
@@ -270,3 +271,24 @@ def test_mlm_outputs_returns_logits_and_last_hidden():
         expected = model.roberta(input_ids=input_ids, attention_mask=mask).last_hidden_state
     assert logits.shape == (3, 11, VOCAB)
     torch.testing.assert_close(hidden, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", [*TEACHERS, "distilbert"])
+def test_projection_replaced_hands_fn_the_head_input_and_restores(family):
+    model = build_student(_bert(layers=4)).eval() if family == "distilbert" else TEACHERS[family](layers=2)
+    input_ids, mask = _inputs(model.config.pad_token_id, padded=True)
+    seen = []
+
+    def fn(x, weight, bias):
+        seen.append((weight, bias))
+        return x @ weight.T + bias, "anything"
+
+    with torch.no_grad():
+        logits, _ = mlm_outputs(model, input_ids, mask)
+        head = lm_head_input(model, input_ids, mask)
+        with projection_replaced(model, fn):
+            replaced = model(input_ids=input_ids, attention_mask=mask).logits
+        after, _ = mlm_outputs(model, input_ids, mask)
+    assert replaced[1] == "anything" and seen == [(head.weight, head.bias)]
+    torch.testing.assert_close(replaced[0], logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, logits, rtol=0, atol=0)
