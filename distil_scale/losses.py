@@ -167,7 +167,9 @@ def head_loss(
 
     def fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         t_x, t_w, t_b = (x, weight, bias) if teacher is None else (teacher.x, teacher.weight, teacher.bias)
-        return linear_kd_mlm_loss(x, weight, bias, t_x, t_w, t_b, labels, kd_rows, temperature=temperature)
+        return linear_kd_mlm_loss(
+            x, weight, bias, t_x, t_w, t_b, labels, kd_rows, temperature=temperature, grad_weights=(alpha_kd, alpha_mlm)
+        )
 
     return fn
 

@@ -11,19 +11,30 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+# Bytes of one fp32 (rows, V) temporary of the KL sub-blocks: small enough to stay in cache.
+SUB_BYTES = 4 << 20
 
 
-def linear_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """(C, V) fp32 logits x @ w.T + b with fp32 accumulation and no rounding of the result to x's dtype."""
+def linear_logits(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(C, V) fp32 logits x @ w.T + b with fp32 accumulation and no rounding of the result to x's dtype.
+
+    `out`, when given, is the (C, V) fp32 buffer to write into (the caller reuses one across chunks).
+    """
     if x.dtype == torch.float32 and w.dtype == torch.float32:
-        out = x @ w.T
-    elif x.is_cuda:
-        out = torch.mm(x, w.T, out_dtype=torch.float32)  # low-precision inputs, fp32 accumulator and result
+        if b is None:
+            return torch.mm(x, w.T, out=out)
+        return torch.addmm(b.float(), x, w.T, out=out)
+    if x.is_cuda:
+        logits = torch.mm(x, w.T, out_dtype=torch.float32)  # low-precision inputs, fp32 accumulator and result
     else:
-        out = x.float() @ w.float().T
+        logits = x.float() @ w.float().T
     if b is not None:
-        out += b.float()
-    return out
+        logits += b.float()
+    if out is None:
+        return logits
+    return out.copy_(logits)
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -51,35 +62,34 @@ def kd_mlm_rows(
     kl[r] = KL(softmax(t/T) || softmax(s/T)); ce[r] = lse(s) - s[y] for labelled rows, 0 otherwise.
     g_kd[r] = kd_coef[r] * (q - p) (may alias `s` when s is fp32); g_mlm[mlm_slot[r]] = mlm_coef[r] *
     (softmax(s) - onehot(y)) for labelled rows.
+
+    The KL runs over sub-blocks of SUB_ROWS rows so that its temporaries stay in cache: per sub-block, two
+    fused log-softmaxes, one KL pass, and two exp + one fused multiply-add for the gradient. The MLM side
+    touches the labelled rows only, and runs first, before the gradient may overwrite s.
     """
+    rows, vocab = s.shape
     inv_t = 1.0 / temperature
-    s32, t32 = s.float(), t.float()
-    labelled = labels != IGNORE_INDEX
-    safe_labels = labels.clamp(min=0).unsqueeze(-1)
-
-    # The MLM side reads s at T = 1, so it runs before anything may overwrite s in place.
-    lse = torch.logsumexp(s32, dim=-1)
-    ce = torch.where(labelled, lse - s32.gather(-1, safe_labels).squeeze(-1), 0.0)
-    if g_mlm is not None:
-        rows = labelled.nonzero().squeeze(-1)
-        if rows.numel():
-            block = s32.index_select(0, rows).sub_(lse[rows].unsqueeze(-1)).exp_()
-            block.scatter_add_(-1, safe_labels[rows], torch.full_like(block[:, :1], -1.0))
-            block.mul_(mlm_coef[rows].unsqueeze(-1))
-            g_mlm.index_copy_(0, mlm_slot[rows], block)
-
-    log_p = t32.mul(inv_t)
-    log_p.sub_(torch.logsumexp(log_p, dim=-1, keepdim=True))
-    if g_kd is None:
-        log_q = s32.mul(inv_t)
-    elif g_kd.data_ptr() == s32.data_ptr():  # the caller lets the gradient overwrite s
-        log_q = g_kd.mul_(inv_t)
-    else:
-        log_q = torch.mul(s32, inv_t, out=g_kd)
-    log_q.sub_(torch.logsumexp(log_q, dim=-1, keepdim=True))
-    kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
-    if g_kd is not None:
-        log_q.exp_().sub_(log_p.exp_()).mul_(kd_coef.unsqueeze(-1))
+    kl = torch.empty(rows, dtype=torch.float32, device=s.device)
+    ce = torch.zeros(rows, dtype=torch.float32, device=s.device)
+    labelled = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
+    if labelled.numel():
+        y = labels[labelled].unsqueeze(-1)
+        log_softmax = torch.log_softmax(s.index_select(0, labelled).float(), dim=-1)
+        ce[labelled] = -log_softmax.gather(-1, y).squeeze(-1)
+        if g_mlm is not None:
+            block = log_softmax.exp_()
+            block.scatter_add_(-1, y, torch.full_like(block[:, :1], -1.0))
+            g_mlm.index_copy_(0, mlm_slot[labelled], block.mul_(mlm_coef[labelled].unsqueeze(-1)))
+    step = max(1, SUB_BYTES // (4 * max(vocab, 1)))
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        log_p = torch.log_softmax(t[a:b].float() * inv_t, dim=-1)
+        log_q = torch.log_softmax(s[a:b].float() * inv_t, dim=-1)
+        kl[a:b] = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+        if g_kd is not None:  # s[a:b] has been read: g_kd[a:b] may overwrite it now
+            coef = kd_coef[a:b].unsqueeze(-1)
+            torch.mul(log_q.exp_(), coef, out=g_kd[a:b])
+            g_kd[a:b].addcmul_(log_p.exp_(), coef, value=-1.0)
     return kl, ce
 
 

@@ -298,8 +298,12 @@ def _linear_logits_kernel(
     tl.store(out_ptr + rows[:, None] * out_stride_c + cols[None, :], acc, mask=row_ok[:, None] & col_ok[None, :])
 
 
-def linear_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def linear_logits(
+    x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """(C, V) fp32 logits x @ w.T + b, from a tiled GEMM with fp32 accumulation; x and w may have any strides.
+
+    `out`, when given, is a (C, V) fp32 buffer with unit stride along V to write into (reused across chunks).
 
     fp32 inputs follow torch's global matmul precision: IEEE fp32 products under "highest" (the default), TF32
     otherwise, so the result matches `x @ w.T` computed by torch in the same setting.
@@ -321,7 +325,10 @@ def linear_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> t
         _check_float("b", b)
         _check_device("b", b, device)
 
-    out = torch.empty(n_rows, vocab, dtype=torch.float32, device=device)
+    if out is None:
+        out = torch.empty(n_rows, vocab, dtype=torch.float32, device=device)
+    elif out.shape != (n_rows, vocab) or out.dtype != torch.float32 or (vocab > 1 and out.stride(1) != 1):
+        raise ValueError(f"out must be a ({n_rows}, {vocab}) fp32 buffer with unit stride along V")
     if n_rows == 0 or vocab == 0:
         return out
     block_m, block_n, block_k = 64, 128, 32

@@ -40,7 +40,7 @@ from kernels import _torch
 IGNORE_INDEX = -100
 IMPLS = ("auto", "torch", "triton")
 # Memory for one (chunk_rows, V) fp32 block of the torch path; a handful of such blocks are alive at once.
-_TORCH_BLOCK_BYTES = 32 << 20
+_TORCH_BLOCK_BYTES = 64 << 20
 _TRITON_BLOCK_BYTES = 256 << 20
 
 
@@ -158,12 +158,55 @@ class _KdMlmLoss(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+class _GradSums:
+    """The gradients w.r.t. x (rows), w and b of one loss term, accumulated block by block in fp32."""
+
+    def __init__(self, rows: int, w: torch.Tensor, need: tuple[bool, bool, bool]):
+        f32 = {"dtype": torch.float32, "device": w.device}
+        self.x = torch.zeros((rows, w.shape[1]), **f32) if need[0] else None
+        self.w = torch.zeros(w.shape, **f32) if need[1] else None
+        self.b = torch.zeros(w.shape[0], **f32) if need[2] else None
+
+    def add(self, g: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rows: slice) -> None:
+        """g: (rows, V) d loss / d logits of the block whose inputs are x (rows, H)."""
+        if self.x is not None:
+            self.x[rows] = _torch.matmul_fp32(g, w)
+        if self.w is not None:
+            if x.dtype == torch.float32:
+                self.w.addmm_(g.T, x)  # in place: no (V, H) temporary
+            else:
+                self.w += _torch.matmul_fp32(g.T, x)
+        if self.b is not None:
+            self.b += g.sum(0)
+
+    def scale_(self, factor: torch.Tensor) -> _GradSums:
+        for grad in (self.x, self.w, self.b):
+            if grad is not None:
+                grad.mul_(factor)
+        return self
+
+
+def _check_ratio(grad_kd: torch.Tensor, grad_mlm: torch.Tensor, weights: tuple[float, float]) -> torch.Tensor:
+    """The common factor f of (grad_kd, grad_mlm) = f * weights; raises if they are not in that ratio."""
+    a, b = weights
+    if not torch.isclose(grad_kd * b, grad_mlm * a, rtol=1e-5, atol=1e-12 * (abs(a) + abs(b))):
+        raise RuntimeError(
+            f"linear_kd_mlm_loss: called with grad_weights={weights}, but the gradients reaching kd and mlm are "
+            f"{grad_kd.item():.6g} and {grad_mlm.item():.6g}; drop grad_weights or backpropagate "
+            f"{a} * kd + {b} * mlm"
+        )
+    return grad_kd / a if a != 0 else grad_mlm / b
+
+
 class _LinearKdMlmLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, xs, ws, bs, xt, wt, bt, labels, kd_mask, temperature, impl, chunk_rows):
+    def forward(ctx, xs, ws, bs, xt, wt, bt, labels, kd_mask, temperature, impl, chunk_rows, grad_weights):
         (vocab, width), device = ws.shape, xs.device
         backend = _backend(impl, device)
         xs2, xt2 = _flat(xs, width), _flat(xt, width)
+        if backend is _torch and device.type == "cpu" and ws.dtype != torch.float32:
+            # no low-precision GEMM with an fp32 result on the CPU: upcast the heads once, not per block
+            xs2, ws, xt2, wt = xs2.float(), ws.float(), xt2.float(), wt.float()
         labels, kd_mask = labels.reshape(-1).long(), kd_mask.reshape(-1)
         sets = _row_sets(labels, kd_mask, temperature)
         # Rows with neither a kd weight nor a label contribute nothing: drop them before any GEMM.
@@ -173,87 +216,91 @@ class _LinearKdMlmLoss(torch.autograd.Function):
             xs2, xt2, labels = xs2[active], xt2[active], labels[active]
             sets = _RowSets(*(v[active] for v in sets))
         mlm_rows, slot = _slots(sets.labelled)
-        n = xs2.shape[0]
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bs is not None and ctx.needs_input_grad[2]
-        need_grad = need_x or need_w or need_b
+        n, m = xs2.shape[0], mlm_rows.numel()
+        need = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bs is not None and ctx.needs_input_grad[2])
+        kd_coef, mlm_coef = sets.kd_coef, sets.mlm_coef
+        main = mlm_sums = None
+        if any(need):
+            main = _GradSums(n, ws, need)
+            if grad_weights is None:  # kd and mlm may receive unrelated gradients: keep their sums apart
+                mlm_sums = _GradSums(m, ws, need)
+            else:  # one sum of a * d kd + b * d mlm
+                kd_coef, mlm_coef = kd_coef * grad_weights[0], mlm_coef * grad_weights[1]
+
         f32 = {"dtype": torch.float32, "device": device}
-        m = mlm_rows.numel()
-        gx_kd = torch.zeros((n, width), **f32) if need_x else None
-        gx_mlm = torch.zeros((m, width), **f32) if need_x else None
-        gw_kd = torch.zeros((vocab, width), **f32) if need_w else None
-        gw_mlm = torch.zeros((vocab, width), **f32) if need_w and m else None
-        gb_kd = torch.zeros(vocab, **f32) if need_b else None
-        gb_mlm = torch.zeros(vocab, **f32) if need_b else None
         kd = torch.zeros((), **f32)
         mlm = torch.zeros((), **f32)
-
-        step = chunk_rows or default_chunk_rows(vocab, backend)
+        step = min(chunk_rows or default_chunk_rows(vocab, backend), max(n, 1))
+        s_buf, t_buf = torch.empty((step, vocab), **f32), torch.empty((step, vocab), **f32)  # reused by every block
         starts = list(range(0, n, step))
         # where each block's labelled rows begin in the compact list: one host sync for all blocks
         bounds = torch.searchsorted(mlm_rows, torch.tensor(starts + [n], device=device)).tolist()
         for k, i in enumerate(starts):
             j = min(i + step, n)
             a, b = bounds[k], bounds[k + 1]
-            s = backend.linear_logits(xs2[i:j], ws, bs)
-            t = backend.linear_logits(xt2[i:j], wt, bt)
-            g_mlm = torch.empty((b - a, vocab), **f32) if need_grad else None
+            s = backend.linear_logits(xs2[i:j], ws, bs, out=s_buf[: j - i])
+            t = backend.linear_logits(xt2[i:j], wt, bt, out=t_buf[: j - i])
+            g_mlm = torch.empty((b - a, vocab), **f32) if main is not None else None
             kl, ce = backend.kd_mlm_rows(
                 s,
                 t,
                 labels[i:j],
-                sets.kd_coef[i:j],
-                sets.mlm_coef[i:j],
+                kd_coef[i:j],
+                mlm_coef[i:j],
                 temperature,
-                g_kd=s if need_grad else None,  # the gradient overwrites the logits block in place
+                g_kd=s if main is not None else None,  # the gradient overwrites the logits block in place
                 g_mlm=g_mlm,
-                mlm_slot=(slot[i:j] - a).clamp(min=-1) if need_grad else None,
+                mlm_slot=(slot[i:j] - a).clamp(min=-1) if main is not None else None,
             )
-            del t
             kd += (kl * sets.kd_weight[i:j]).sum()
             mlm += (ce * sets.mlm_coef[i:j]).sum()
-            if not need_grad:
+            if main is None:
                 continue
             local = mlm_rows[a:b] - i
-            if need_x:
-                gx_kd[i:j] = _torch.matmul_fp32(s, ws)
-                gx_mlm[a:b] = _torch.matmul_fp32(g_mlm, ws)
-            if need_w:
-                gw_kd += _torch.matmul_fp32(s.T, xs2[i:j])
-                if b > a:
-                    gw_mlm += _torch.matmul_fp32(g_mlm.T, xs2[i:j][local])
-            if need_b:
-                gb_kd += s.sum(0)
-                gb_mlm += g_mlm.sum(0)
-        ctx.grads = (gx_kd, gx_mlm, gw_kd, gw_mlm, gb_kd, gb_mlm)
+            if mlm_sums is None:
+                main.add(s.index_add_(0, local, g_mlm), xs2[i:j], ws, slice(i, j))
+            else:
+                main.add(s, xs2[i:j], ws, slice(i, j))
+                mlm_sums.add(g_mlm, xs2[i:j][local], ws, slice(a, b))
+        ctx.sums = (main, mlm_sums)
         ctx.rows = (None if all_active else active, mlm_rows)
         ctx.like = (xs.shape, xs.dtype, ws.dtype, None if bs is None else bs.dtype)
+        ctx.grad_weights = grad_weights
         return kd, mlm
 
     @staticmethod
     def backward(ctx, grad_kd, grad_mlm):
-        if ctx.grads is None:
+        if ctx.sums is None:
             raise RuntimeError("linear_kd_mlm_loss: backward ran twice through one forward; recompute the loss instead")
-        gx_kd, gx_mlm, gw_kd, gw_mlm, gb_kd, gb_mlm = ctx.grads
-        ctx.grads = None
+        main, mlm_sums = ctx.sums
+        ctx.sums = None
+        if main is None:
+            return (None,) * 12
         active, mlm_rows = ctx.rows
         x_shape, x_dtype, w_dtype, b_dtype = ctx.like
+        if mlm_sums is None:
+            main.scale_(_check_ratio(grad_kd, grad_mlm, ctx.grad_weights))
+        else:
+            main.scale_(grad_kd)
+            mlm_sums.scale_(grad_mlm)
+            if main.x is not None:
+                main.x.index_add_(0, mlm_rows, mlm_sums.x)
+            if main.w is not None:
+                main.w += mlm_sums.w
+            if main.b is not None:
+                main.b += mlm_sums.b
         grad_x = grad_w = grad_b = None
-        if gx_kd is not None:
-            rows = gx_kd.mul_(grad_kd).index_add_(0, mlm_rows, gx_mlm.mul_(grad_mlm))
+        if main.x is not None:
             if active is None:
-                grad_x = rows.to(x_dtype).reshape(x_shape)
+                grad_x = main.x.to(x_dtype).reshape(x_shape)
             else:
-                grad_x = torch.zeros(x_shape, dtype=x_dtype, device=rows.device)
-                grad_x.view(-1, x_shape[-1]).index_copy_(0, active, rows.to(x_dtype))
-        if gw_kd is not None:
-            grad_w = gw_kd.mul_(grad_kd)
-            if gw_mlm is not None:
-                grad_w += gw_mlm.mul_(grad_mlm)
-            grad_w = grad_w.to(w_dtype)
-        if gb_kd is not None:
-            grad_b = gb_kd.mul_(grad_kd).add_(gb_mlm.mul_(grad_mlm)).to(b_dtype)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+                grad_x = torch.zeros(x_shape, dtype=x_dtype, device=main.x.device)
+                grad_x.view(-1, x_shape[-1]).index_copy_(0, active, main.x.to(x_dtype))
+        if main.w is not None:
+            grad_w = main.w.to(w_dtype)
+        if main.b is not None:
+            grad_b = main.b.to(b_dtype)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 class _CosineLoss(torch.autograd.Function):
@@ -314,12 +361,17 @@ def linear_kd_mlm_loss(
     temperature: float,
     impl: str = "auto",
     chunk_rows: int | None = None,
+    grad_weights: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(kd, mlm) with both LM heads fused in: logits = x @ w.T + b are made a block of rows at a time.
 
     x is (..., H), w (V, H), b (V,) or None. Gradients for student_x, student_w and student_b are all computed
     in forward, so the weight is not needed after this call returns (what ZeRO-3 requires).
-    `chunk_rows` overrides the rows per block (default: a 32 MB fp32 block on the torch path, 256 MB on Triton).
+    `chunk_rows` overrides the rows per block (default: a 64 MB fp32 block on the torch path, 256 MB on Triton).
+
+    `grad_weights=(a, b)` promises that what is backpropagated is a * kd + b * mlm (times any factor), as in
+    training. Forward then keeps one gradient sum instead of two, which saves a (V, H) fp32 buffer and the
+    GEMMs of the labelled rows' separate gradient. Backward checks the promise and raises if it is broken.
     """
     _check_temperature(temperature)
     for side, x, w, b in (("student", student_x, student_w, student_b), ("teacher", teacher_x, teacher_w, teacher_b)):
@@ -334,6 +386,8 @@ def linear_kd_mlm_loss(
             f"student x {tuple(student_x.shape)} / w {tuple(student_w.shape)} in rows and vocabulary"
         )
     _check_rows("linear_kd_mlm_loss", labels, kd_mask, student_x.numel() // max(student_x.shape[-1], 1))
+    if grad_weights is not None and (len(grad_weights) != 2 or not any(grad_weights)):
+        raise ValueError(f"linear_kd_mlm_loss: grad_weights must be two numbers, not both 0, got {grad_weights}")
     return _LinearKdMlmLoss.apply(
         student_x,
         student_w,
@@ -346,6 +400,7 @@ def linear_kd_mlm_loss(
         float(temperature),
         impl,
         chunk_rows,
+        None if grad_weights is None else (float(grad_weights[0]), float(grad_weights[1])),
     )
 
 

@@ -193,6 +193,25 @@ def test_linear_kd_mlm_loss_large_logits(impl):
     check_linear(impl, linear_data(19, 257, 32, padding=0), temperature=1.0, scale=4.0)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_linear_kd_mlm_loss_grad_weights_keeps_one_sum(impl):
+    xs, ws, bs, xt, wt, bt, labels, kd_mask = linear_data(29, 211, 16)
+    promised = [v.clone().requires_grad_() for v in (xs, ws, bs)]
+    kd, mlm = linear_kd_mlm_loss(*promised, xt, wt, bt, labels, kd_mask, temperature=2.0, impl=impl,
+                                 chunk_rows=16, grad_weights=(5.0, 2.0))  # fmt: skip
+    (0.5 * (5 * kd + 2 * mlm)).backward()  # the promised combination, times a factor
+    general = [v.clone().requires_grad_() for v in (xs, ws, bs)]
+    kd_ref, mlm_ref = linear_kd_mlm_loss(*general, xt, wt, bt, labels, kd_mask, temperature=2.0, impl=impl)
+    (0.5 * (5 * kd_ref + 2 * mlm_ref)).backward()
+    close(kd, kd_ref)
+    for ours, theirs in zip(promised, general):
+        close(ours.grad, theirs.grad)
+
+    kd, mlm = linear_kd_mlm_loss(*promised, xt, wt, bt, labels, kd_mask, temperature=2.0, grad_weights=(5.0, 2.0))
+    with pytest.raises(RuntimeError, match="grad_weights"):
+        (kd + mlm).backward()
+
+
 def test_linear_kd_mlm_loss_everything_padding():
     xs, ws, bs, xt, wt, bt, labels, kd_mask = linear_data(6, 50, 8)
     labels[:], kd_mask[:] = -100, False
