@@ -27,7 +27,7 @@ def linear_logits(
             return torch.mm(x, w.T, out=out)
         return torch.addmm(b.float(), x, w.T, out=out)
     if x.is_cuda:
-        logits = torch.mm(x, w.T, out_dtype=torch.float32)  # low-precision inputs, fp32 accumulator and result
+        logits = _mm_out_fp32(x, w.T)
     else:
         logits = x.float() @ w.float().T
     if b is not None:
@@ -37,12 +37,20 @@ def linear_logits(
     return out.copy_(logits)
 
 
+def _mm_out_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Low-precision CUDA GEMM with an fp32 result (cuBLAS's fp32 output), or a cast where that is missing."""
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError):  # a torch build without mm.dtype for these dtypes
+        return torch.mm(a, b).float()
+
+
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b as fp32, for the gradient GEMMs: a is an fp32 gradient block, b a weight or input block."""
     if b.dtype == torch.float32:
         return a @ b
     if b.is_cuda:
-        return torch.mm(a.to(b.dtype), b, out_dtype=torch.float32)
+        return _mm_out_fp32(a.to(b.dtype), b)
     return a @ b.float()
 
 
