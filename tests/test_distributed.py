@@ -3,9 +3,11 @@
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -19,9 +21,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(out_dir, inputs, *overrides: str, num_procs: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [
+def _command(out_dir, inputs, *overrides: str, num_procs: int = 2) -> list[str]:
+    return [
         DEEPSPEED,
         "--num_gpus",
         str(num_procs),
@@ -43,7 +44,14 @@ def _launch(out_dir, inputs, *overrides: str, num_procs: int = 2) -> subprocess.
         "--log.tensorboard=false",
         *overrides,
     ]
-    proc = subprocess.run(cmd, cwd=str(out_dir.parent), env=env, capture_output=True, text=True, timeout=900)
+
+
+ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _launch(out_dir, inputs, *overrides: str, num_procs: int = 2) -> subprocess.CompletedProcess:
+    cmd = _command(out_dir, inputs, *overrides, num_procs=num_procs)
+    proc = subprocess.run(cmd, cwd=str(out_dir.parent), env=ENV, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -123,3 +131,47 @@ def test_fused_loss_under_zero3_matches_eager_stage0(tmp_path):
     torch.testing.assert_close(weights["fused3"][embedding] - initial, moved, rtol=1e-3, atol=1e-6)
     for key, value in weights["eager0"].items():
         torch.testing.assert_close(weights["fused3"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
+    """Kill every process mid-run, plant a half-written checkpoint, resume: same losses, same weights, bit for bit."""
+    import torch
+    from safetensors.torch import load_file
+
+    inputs = tmp_path / "inputs"
+    common = ["--train.max_steps=24", "--checkpoint.every_steps=4", "--train.zero_stage=2", "--data.audit=true"]
+    _launch(tmp_path / "straight", inputs, *common)
+
+    out = tmp_path / "killed"
+    out.mkdir()
+    proc = subprocess.Popen(
+        _command(out, inputs, *common), cwd=str(tmp_path), env=ENV, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    marker = out / "checkpoints" / "step00000008" / "COMPLETE"
+    deadline = time.monotonic() + 600
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, wherever they are
+    proc.wait()
+    assert marker.exists() and not (out / "export").exists(), "the run was not killed mid-way"
+    rows = (out / "metrics.jsonl").read_text().splitlines()
+    assert 8 <= len(rows) < 24
+    # A checkpoint a crash interrupted: shards on disk, no COMPLETE marker. Resume must pass over it.
+    shutil.copytree(out / "checkpoints" / "step00000008", out / "checkpoints" / "step00000012")
+    (out / "checkpoints" / "step00000012" / "COMPLETE").unlink()
+
+    resumed = _launch(out, inputs, *common)
+    assert "step00000008" in resumed.stdout and "step00000012" in resumed.stdout + resumed.stderr
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in again] == list(range(1, 25))
+    for a, b in zip(straight, again, strict=True):
+        for key in ("loss", "kd", "mlm", "cos", "lr", "grad_norm", "samples", "tokens", "epoch"):
+            assert a[key] == b[key], (a["step"], key, a[key], b[key])
+    for r in (0, 1):
+        audit = f"audit/rank{r}.jsonl"
+        assert (tmp_path / "straight" / audit).read_text() == (out / audit).read_text()
+    weights = [load_file(str(d / "export" / "model.safetensors")) for d in (tmp_path / "straight", out)]
+    for key, value in weights[0].items():
+        assert torch.equal(weights[1][key], value), key

@@ -304,4 +304,14 @@ def make_loader(
             "persistent_workers": True,
             "multiprocessing_context": context,
         }
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(), **kwargs)
+    # Its own generator: a DataLoader iterator draws a base seed, and drawing it from the global RNG would shift
+    # the dropout stream of a resumed run against an uninterrupted one. (The stream seeds itself from coordinates.)
+    generator = torch.Generator().manual_seed(stream.seed)
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        generator=generator,
+        **kwargs,
+    )
