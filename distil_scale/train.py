@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import time
 
 import torch
@@ -20,6 +21,34 @@ from distil_scale.inputs import build_models, ensure_inputs, make_batches, token
 from distil_scale.losses import LossTerms, fused_triple_loss, head_loss, triple_loss
 from distil_scale.metrics import AuditLog, Clock, open_sinks
 from distil_scale.models import lm_head_input, mlm_outputs, projection_replaced
+
+
+class StopSignals:
+    """Records SIGTERM / SIGUSR1 (a preemption notice) so that the loop checkpoints at the next step and stops.
+
+    `agreed()` is one all-reduce of one integer over a gloo group (the default group on CPU, a side group next
+    to NCCL), so every rank stops after the same step even when only some of them got the signal.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+
+    def _record(self, signum: int, frame) -> None:
+        self.received = signum
+
+    def agreed(self) -> int:
+        """The signal some rank received (0 if none), the same value on every rank."""
+        flag = torch.tensor([self.received], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag.item())
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
 
 
 def _to(batch: dict, device: torch.device) -> dict:
@@ -166,8 +195,10 @@ def train(cfg: Config) -> dict:
     row = {}
     sums = torch.zeros(5, device=placement.device)
     span_start, span_micro = time.perf_counter(), 0
+    signals = StopSignals()
+    stop = 0
     engine.train()
-    while state["step"] < cfg.train.max_steps:
+    while state["step"] < cfg.train.max_steps and not stop:
         # The rate this step's update uses (the scheduler advances inside the boundary engine.step()).
         lr = engine.optimizer.param_groups[0]["lr"]
         keys = []
@@ -182,7 +213,9 @@ def train(cfg: Config) -> dict:
         step = state["step"]
         if audit is not None:
             audit.write(step, state["epoch"], keys)
-        if step % cfg.log.every_steps == 0 or step == cfg.train.max_steps:
+        stop = signals.agreed()
+        last = step == cfg.train.max_steps or stop
+        if step % cfg.log.every_steps == 0 or last:
             tokens_before = state["tokens"]
             row = _log_row(
                 sums,
@@ -199,7 +232,7 @@ def train(cfg: Config) -> dict:
                 sink.write(row)
             sums.zero_()
             span_start, span_micro = time.perf_counter(), 0
-        if step % cfg.checkpoint.every_steps == 0 or step == cfg.train.max_steps:
+        if step % cfg.checkpoint.every_steps == 0 or last:
             state["elapsed_s"] = clock.elapsed()
             checkpoint.save(
                 engine,
@@ -210,9 +243,18 @@ def train(cfg: Config) -> dict:
                 model_config=engine.module.config,
                 keep_last=cfg.checkpoint.keep_last,
             )
+    signals.restore()
     for log in (sink, audit):
         if log is not None:
             log.close()
+    if stop:
+        if placement.is_main:
+            print(
+                f"distil-scale: {signal.Signals(stop).name} received: saved a checkpoint at step {state['step']} "
+                f"in {save_dir} and stopped; run the same command again to resume",
+                flush=True,
+            )
+        return row
     if cfg.checkpoint.export:
         _export(cfg, placement, save_dir, manifest)
     return row

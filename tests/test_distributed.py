@@ -175,3 +175,35 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     weights = [load_file(str(d / "export" / "model.safetensors")) for d in (tmp_path / "straight", out)]
     for key, value in weights[0].items():
         assert torch.equal(weights[1][key], value), key
+
+
+def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path):
+    """A preemption notice (SIGTERM to every process, as a scheduler sends it) saves the step reached, then stops."""
+    inputs, out = tmp_path / "inputs", tmp_path / "run"
+    out.mkdir()
+    common = ["--train.max_steps=30", "--checkpoint.every_steps=1000"]
+    proc = subprocess.Popen(
+        _command(out, inputs, *common), cwd=str(tmp_path), env=ENV, start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    tags = [t for t in os.listdir(out / "checkpoints") if t.startswith("step")]
+    assert len(tags) == 1, output[-3000:]
+    step = int(tags[0][4:])
+    assert 3 <= step < 30 and (out / "checkpoints" / tags[0] / "COMPLETE").exists()
+    assert "SIGTERM received: saved a checkpoint at step" in output
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert rows[-1]["step"] == step and not (out / "export").exists()
+
+    resumed = _launch(out, inputs, *common)
+    assert f"step{step:08d}" in resumed.stdout
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 31))
+    assert (out / "export" / "model.safetensors").exists()

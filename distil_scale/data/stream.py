@@ -24,6 +24,7 @@ and a sample met again in a later epoch gets a fresh mask.
 from __future__ import annotations
 
 import math
+import signal
 import warnings
 from collections.abc import Iterator
 from typing import IO
@@ -281,6 +282,12 @@ class BatchStream(IterableDataset):
             epoch, skip = epoch + 1, 0
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM / SIGUSR1 to the trainer, which checkpoints before it stops them."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def make_loader(
     stream: BatchStream, *, num_workers: int, prefetch_factor: int = 2, multiprocessing_context: str | None = None
 ) -> DataLoader:
@@ -303,6 +310,7 @@ def make_loader(
             # are iterated again; it saves restarting the workers there.
             "persistent_workers": True,
             "multiprocessing_context": context,
+            "worker_init_fn": _ignore_stop_signals,
         }
     # Its own generator: a DataLoader iterator draws a base seed, and drawing it from the global RNG would shift
     # the dropout stream of a resumed run against an uninterrupted one. (The stream seeds itself from coordinates.)
