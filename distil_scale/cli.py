@@ -20,9 +20,13 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     check_paths(cfg)
-    from distil_scale.train import train
+    from distil_scale.train import Diverged, train
 
-    train(cfg)
+    try:
+        train(cfg)
+    except Diverged as err:
+        print(f"distil-scale: {err}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -134,6 +134,9 @@ class TrainConfig:
     # "auto" continues from the newest checkpoint in the output directory, "never" starts fresh,
     # anything else is a checkpoint directory to continue from.
     resume: str = "auto"
+    # Stop the run after this many optimizer steps in a row with a non-finite loss (each such micro-batch is
+    # left out of its step, and no checkpoint is written while it lasts).
+    max_nonfinite_steps: int = 3
 
 
 @dataclass
@@ -202,6 +205,7 @@ _POSITIVE = {
     ("optim", "peak_lr"),
     ("optim", "eps"),
     ("train", "max_steps"),
+    ("train", "max_nonfinite_steps"),
     ("train", "sequences_per_step"),
     ("train", "micro_batch_size"),
     ("checkpoint", "every_steps"),

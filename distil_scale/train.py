@@ -40,11 +40,11 @@ class StopSignals:
     def _record(self, signum: int, frame) -> None:
         self.received = signum
 
-    def agreed(self) -> int:
-        """The signal some rank received (0 if none), the same value on every rank."""
-        flag = torch.tensor([self.received], dtype=torch.int64)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
-        return int(flag.item())
+    def agreed(self, *flags: int) -> list[int]:
+        """[the signal some rank received (0 if none), *the max of each flag over ranks], the same on every rank."""
+        values = torch.tensor([self.received, *flags], dtype=torch.int64)
+        dist.all_reduce(values, op=dist.ReduceOp.MAX, group=self.group)
+        return values.tolist()
 
     def restore(self) -> None:
         for signum, handler in self._previous.items():
@@ -110,39 +110,79 @@ def _fused_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
     )
 
 
-def micro_step(engine, teacher, batch: dict, cfg: Config) -> torch.Tensor:
-    """Forward + backward of one micro-batch; returns detached [total, kd, mlm, cos, real tokens]."""
+# What micro_step returns and the loop sums per log interval (and all-reduces there).
+_TOTAL, _KD, _MLM, _COS, _TOKENS, _GOOD, _SKIPPED = range(7)
+
+
+def _zero_backward(engine, ids: torch.Tensor) -> None:
+    """A backward that adds exactly nothing, for a micro-batch whose loss is not finite.
+
+    DeepSpeed must see one backward per micro-batch (its gradient reduction runs in the boundary's backward),
+    but the bad graph may hold inf activations, whose gradients would be NaN even when multiplied by 0. So this
+    runs the student on one all-padding row and backpropagates 0 times its output.
+    """
+    out = engine(input_ids=ids[:1], attention_mask=torch.zeros_like(ids[:1]))
+    logits = out.logits if isinstance(out.logits, torch.Tensor) else out.logits[0]
+    engine.backward(logits.float().sum() * 0.0)
+
+
+def micro_step(engine, teacher, batch: dict, cfg: Config) -> tuple[torch.Tensor, bool]:
+    """Forward + backward of one micro-batch: (the detached sums row, see _TOTAL ..., whether its loss was finite).
+
+    A micro-batch whose loss is not finite contributes nothing to its step; checking that is one host sync.
+    """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     terms_of = _fused_terms if cfg.loss.impl == "fused" else _eager_terms
     terms = terms_of(engine, teacher, ids, mask, labels, cfg)
-    # DeepSpeed divides by the accumulation steps itself and only steps the optimizer at the boundary.
-    engine.backward(terms.total)
-    engine.step()
     parts = torch.stack([terms.total, terms.kd, terms.mlm, terms.cos]).detach().float()
-    return torch.cat([parts, mask.sum().reshape(1).float()])
+    good = bool(torch.isfinite(terms.total))
+    # DeepSpeed divides by the accumulation steps itself and only steps the optimizer at the boundary.
+    if good:
+        engine.backward(terms.total)
+    else:
+        del terms
+        parts = torch.zeros_like(parts)
+        _zero_backward(engine, ids)
+    engine.step()
+    extra = torch.stack([mask.sum().float(), torch.tensor(float(good)), torch.tensor(0.0)]).to(parts.device)
+    return torch.cat([parts, extra]), good
 
 
 def _log_row(sums: torch.Tensor, *, micro_batches: int, state: dict, engine, lr: float, clock: Clock, span_s: float):
-    """Reduce the interval's sums over ranks. This all_reduce + .tolist() is the loop's only sync point."""
+    """Reduce the interval's sums over ranks: the loop's only device sync besides the per-micro-batch check."""
     dist.all_reduce(sums)
-    total, kd, mlm, cos, tokens = sums.tolist()
-    n = micro_batches * dist.get_world_size()
+    values = sums.tolist()
+    n = values[_GOOD] or float("nan")  # no finite micro-batch in the interval: the losses are unknown, not 0
     grad_norm = engine.get_global_grad_norm()
     return {
         "step": state["step"],
         "epoch": state["epoch"],
         "samples": state["samples"],
         "tokens": state["tokens"],
-        "loss": total / n,
-        "kd": kd / n,
-        "mlm": mlm / n,
-        "cos": cos / n,
+        "loss": values[_TOTAL] / n,
+        "kd": values[_KD] / n,
+        "mlm": values[_MLM] / n,
+        "cos": values[_COS] / n,
         "lr": lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "tokens_per_s": tokens / max(span_s, 1e-9),
+        "tokens_per_s": values[_TOKENS] / max(span_s, 1e-9),
         "samples_per_s": micro_batches * engine.train_micro_batch_size_per_gpu() * dist.get_world_size() / span_s,
+        "nonfinite_micro_batches": int(micro_batches * dist.get_world_size() - values[_GOOD]),
+        "skipped_samples": int(values[_SKIPPED]),
         "elapsed_s": clock.elapsed(),
     }
+
+
+def _weights_finite(engine, group) -> bool:
+    """Whether every rank's share of the student's weights is finite (under ZeRO-3 a rank holds a partition)."""
+    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
+    flag = torch.tensor([int(local)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+class Diverged(RuntimeError):
+    """The loss stayed non-finite for train.max_nonfinite_steps steps in a row."""
 
 
 def _announce(cfg: Config, placement: Placement, engine, accum: int, resumed: tuple | None) -> None:
@@ -193,18 +233,21 @@ def train(cfg: Config) -> dict:
     audit = AuditLog(cfg.run.output_dir, placement.rank, keep_until_step=state["step"]) if cfg.data.audit else None
     clock, start_step = Clock(state["elapsed_s"]), state["step"]
     row = {}
-    sums = torch.zeros(5, device=placement.device)
+    sums = torch.zeros(_SKIPPED + 1, device=placement.device)
     span_start, span_micro = time.perf_counter(), 0
     signals = StopSignals()
-    stop = 0
+    stop = nonfinite_run = 0
     engine.train()
     while state["step"] < cfg.train.max_steps and not stop:
         # The rate this step's update uses (the scheduler advances inside the boundary engine.step()).
         lr = engine.optimizer.param_groups[0]["lr"]
-        keys = []
+        keys, bad_step = [], False
         for _ in range(accum):
             batch = next(batches)
-            sums += micro_step(engine, teacher, _to(batch, placement.device), cfg)
+            row_sums, good = micro_step(engine, teacher, _to(batch, placement.device), cfg)
+            sums += row_sums
+            sums[_SKIPPED] += batch.get("skipped", 0)
+            bad_step |= not good
             state["epoch"] = batch["epoch"]
             keys.extend(batch["keys"])
             span_micro += 1
@@ -213,8 +256,9 @@ def train(cfg: Config) -> dict:
         step = state["step"]
         if audit is not None:
             audit.write(step, state["epoch"], keys)
-        stop = signals.agreed()
-        last = step == cfg.train.max_steps or stop
+        stop, bad_step = signals.agreed(int(bad_step))
+        nonfinite_run = nonfinite_run + 1 if bad_step else 0
+        last = step == cfg.train.max_steps or stop or nonfinite_run >= cfg.train.max_nonfinite_steps
         if step % cfg.log.every_steps == 0 or last:
             tokens_before = state["tokens"]
             row = _log_row(
@@ -226,13 +270,19 @@ def train(cfg: Config) -> dict:
                 clock=clock,
                 span_s=time.perf_counter() - span_start,
             )
-            state["tokens"] = tokens_before + int(sums[4].item())
+            state["tokens"] = tokens_before + int(sums[_TOKENS].item())
             row["tokens"], row["steps_this_run"] = state["tokens"], step - start_step
             if sink is not None:
                 sink.write(row)
             sums.zero_()
             span_start, span_micro = time.perf_counter(), 0
-        if step % cfg.checkpoint.every_steps == 0 or last:
+        if nonfinite_run >= cfg.train.max_nonfinite_steps:
+            break
+        if (step % cfg.checkpoint.every_steps == 0 or last) and not bad_step:
+            if not _weights_finite(engine, signals.group):
+                if placement.is_main:
+                    print(f"distil-scale: step {step}: the weights are not finite; no checkpoint written", flush=True)
+                continue
             state["elapsed_s"] = clock.elapsed()
             checkpoint.save(
                 engine,
@@ -247,6 +297,13 @@ def train(cfg: Config) -> dict:
     for log in (sink, audit):
         if log is not None:
             log.close()
+    if nonfinite_run >= cfg.train.max_nonfinite_steps:
+        last_good = checkpoint.latest_tag(save_dir)
+        raise Diverged(
+            f"the loss was not finite for {nonfinite_run} steps in a row (steps {state['step'] - nonfinite_run + 1}-"
+            f"{state['step']}); stopped without saving them. The newest complete checkpoint is "
+            f"{last_good or 'none'}: lower optim.peak_lr or check the data, then run again to resume from it"
+        )
     if stop:
         if placement.is_main:
             print(

@@ -207,3 +207,26 @@ def test_sigterm_checkpoints_the_current_step_and_resumes(tmp_path):
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
     assert (out / "export" / "model.safetensors").exists()
+
+
+def test_nonfinite_loss_stops_the_run_and_leaves_finite_checkpoints(tmp_path):
+    """A diverging run (absurd learning rate) stops after k non-finite steps; no checkpoint holds NaN weights."""
+    from distil_scale.export import export_student
+
+    inputs, out = tmp_path / "inputs", tmp_path / "run"
+    out.mkdir()
+    overrides = ["--train.max_steps=20", "--checkpoint.every_steps=1", "--checkpoint.keep_last=20"]
+    overrides += ["--optim.peak_lr=1e30", "--optim.warmup_fraction=0", "--train.max_nonfinite_steps=2"]
+    cmd = _command(out, inputs, *overrides, num_procs=1)
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0
+    assert "the loss was not finite for 2 steps in a row" in proc.stdout + proc.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] < 20 and rows[-1]["nonfinite_micro_batches"] > 0
+    assert not (out / "export").exists()
+    import torch
+    from safetensors.torch import load_file
+
+    export_student(str(out / "checkpoints"), str(tmp_path / "last_good"), tokenizer_dir=str(inputs / "tokenizer"))
+    weights = load_file(str(tmp_path / "last_good" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
