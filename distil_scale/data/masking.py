@@ -20,7 +20,14 @@ import torch
 
 
 def collate(seqs: list[np.ndarray], *, pad_id: int, multiple_of: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad to the longest sequence rounded up to `multiple_of` (tensor-core friendly shapes)."""
+    """Right-pad to the longest sequence rounded up to `multiple_of` (tensor-core friendly shapes).
+
+    An empty sequence (the stream's placeholder for a sample it could not read) becomes a row of padding with
+    attention_mask 0 throughout. The width is at least one column even when every row is empty, so such a
+    batch still runs through a model (and through the collectives its backward takes part in).
+    """
+    if multiple_of < 1:
+        raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     width = int(-(-lengths.max(initial=1) // multiple_of) * multiple_of)
     input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
@@ -63,6 +70,11 @@ class Masker:
         self.mask_fraction = mask_fraction
         self.random_fraction = random_fraction
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids this masker accepts lie in [0, vocab_size); the stream turns any other sample into padding."""
+        return len(self.weights)
+
     @classmethod
     def for_manifest(cls, manifest, *, smoothing: float = 0.7, mlm_probability: float = 0.15) -> Masker:
         """The masker of a prepared dataset: its token counts, vocabulary and special ids."""
@@ -77,7 +89,11 @@ class Masker:
     def __call__(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, generator: torch.Generator
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(masked_ids, labels) for an int64 (B, L) batch; `input_ids` itself is left untouched."""
+        """(masked_ids, labels) for an int64 (B, L) batch; `input_ids` itself is left untouched.
+
+        Only real tokens (attention_mask 1) can be picked: padding, and so a placeholder row that is all padding,
+        never gets a label, and a batch without real tokens comes back unchanged with labels -100 throughout.
+        """
         flat_ids = input_ids.reshape(-1)
         weights = torch.from_numpy(self.weights)[flat_ids]
         weights.mul_(attention_mask.reshape(-1).to(weights.dtype))

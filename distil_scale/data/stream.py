@@ -19,28 +19,47 @@ batches from its workers round-robin (skipping exhausted ones), so each worker w
 whole epochs arithmetically and replays the shuffle/grouping of the partial epoch without collating or
 masking. Masks are seeded per (seed, epoch, rank, worker, batch index), so a replayed batch is bit-identical
 and a sample met again in a later epoch gets a fresh mask.
+
+Bad input: a missing, truncated, corrupt or hostile shard neither stops the run nor puts the ranks out of step.
+`read_shard` always yields exactly the planned number of samples for each piece of a shard. A sample it cannot use
+(no ids member, two of them, a member of impossible length, ids outside the vocabulary) becomes a placeholder, and
+so does every planned sample after the point where the tar stops reading (truncated, garbled, unreadable, or just
+shorter than the manifest says). A placeholder is `("<key>", zero ids)`: the sample's own key in angle brackets,
+or `<url#position>` where its key is lost, and no tokens; a real sample is never empty (prepare keeps sequences of
+12 tokens or more, and an empty ids member counts as unusable), so zero length is what marks one. Each damaged
+piece emits one `BadShardWarning` naming the shard, the problem and how many samples were skipped. Placeholders
+are shuffled and length-grouped like any sample, so every worker still yields the plan's batch count and every
+collective still meets its peers; `collate` makes them rows of padding (attention_mask 0, hence no labels and no
+part in any loss), and each batch counts them in `skipped` while its `keys` lists only the samples it trains on.
+A damaged sample costs the compute of a padding row, nothing else. Only `ids.u16` / `ids.i32` members are ever
+read, and only with np.frombuffer: any other member (`.pyd`, `.pth`, `.pickle`, `.npy`, ...) is skipped unread.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import signal
+import tarfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import IO
 
 import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
+from webdataset.tariterators import base_plus_ext
 
 from distil_scale.config import ConfigError
 from distil_scale.data.masking import Masker, collate
 
-# Our only tar members, decoded with np.frombuffer. Nothing else in a shard is ever decoded: a `.pyd`/`.pth`
-# entry stays an inert byte string.
+# Our only tar members, decoded with np.frombuffer. Nothing else in a shard is ever read, let alone decoded: the
+# tar reader skips past a `.pyd`/`.pth`/`.pickle`/`.npy` member without loading its bytes.
 ID_ENTRIES = (("ids.u16", np.dtype("<u2")), ("ids.i32", np.dtype("<i4")))
+_ID_DTYPES = dict(ID_ENTRIES)
+# webdataset's metadata members (`__key__`-style names), which are not part of any sample.
+_META_MEMBER = re.compile(r"__[^/]*__($|/)")
 # Distinct streams of randomness drawn from the same (seed, epoch, ...) coordinates.
 _SHARD_ORDER, _SHUFFLE, _GROUPING, _MASKING = range(4)
 
@@ -77,46 +96,170 @@ def resume_plan(skip_batches: int, per_worker_totals: list[float]) -> tuple[list
     return skips, rotation
 
 
-def _decode(sample: dict) -> np.ndarray | None:
-    for suffix, dtype in ID_ENTRIES:
-        data = sample.get(suffix)
-        if data is not None and len(data) % dtype.itemsize == 0:
-            return np.frombuffer(data, dtype=dtype)
-    return None
+class BadShardWarning(UserWarning):
+    """A shard could not be read as the manifest describes it; its unusable samples were skipped."""
 
 
-def read_shard(url: str, *, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-    """(key, ids) for the samples at positions [start, stop) of one shard; any URL `webdataset.gopen` opens."""
-    stream = wds.gopen(url)
-    samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
-    position, complete = 0, False
+def placeholder(key: str) -> Sample:
+    """The stand-in for a planned sample that could not be read: `<key>` and no tokens (see the module docstring)."""
+    return f"<{key}>", np.zeros(0, dtype=np.int32)
+
+
+def is_placeholder(sample: Sample) -> bool:
+    """Whether `sample` stands in for one that could not be read: real samples are never empty."""
+    return len(sample[1]) == 0
+
+
+# One tar member as the reader sees it: (sample key, lower-case suffix, bytes for an ids member, None for any other).
+_Member = tuple[str, str, bytes | None]
+# One sample: its key and its members as (suffix, bytes or None).
+_Group = tuple[str, list[tuple[str, bytes | None]]]
+
+
+def _tar_members(stream: IO[bytes]) -> Iterator[_Member]:
+    """The regular members of a tar stream (compressed or not), named the way webdataset names them.
+
+    Only our ids members are read into memory; tarfile skips past any other member's bytes without handing them
+    to anyone, so whatever a hostile shard packs there is never loaded, let alone unpickled.
+    """
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            tar.members = []  # stream mode would otherwise keep every TarInfo of the shard
+            if not info.isreg() or _META_MEMBER.match(info.name):
+                continue
+            key, suffix = base_plus_ext(info.name)
+            if key is None:
+                continue
+            suffix = suffix.lower()
+            member = tar.extractfile(info) if suffix in _ID_DTYPES else None
+            yield key, suffix, None if member is None else member.read()
+
+
+def _tar_samples(stream: IO[bytes]) -> Generator[_Group, None, None]:
+    """Consecutive members with the same key, grouped into samples; then whatever error stopped the tar.
+
+    The sample being assembled when the tar breaks off is still yielded (before the error is re-raised): every
+    member it holds was read in full, so if its ids member made it, so did the sample.
+    """
+    key: str | None = None
+    members: list[tuple[str, bytes | None]] = []
+    error: Exception | None = None
     try:
-        for position, sample in enumerate(samples, start=1):  # noqa: B007 (position is read after the loop)
-            if position > start:
-                ids = _decode(sample)
-                if ids is None:
-                    warnings.warn(f"{url}: sample {sample['__key__']!r} has no valid ids entry; skipped", stacklevel=2)
-                else:
-                    yield sample["__key__"], ids
-            if stop is not None and position >= stop:
+        for member_key, suffix, data in _tar_members(stream):
+            if member_key != key:
+                if key is not None:
+                    yield key, members
+                key, members = member_key, []
+            members.append((suffix, data))
+    except Exception as exc:  # the caller decides what a broken shard means; here it only must not lose a sample
+        error = exc
+    if key is not None:
+        yield key, members
+    if error is not None:
+        raise error
+
+
+def _decode(members: list[tuple[str, bytes | None]], vocab_size: int | None) -> np.ndarray | str:
+    """The sample's token ids, or why it has none that can be trained on."""
+    found = [(suffix, data) for suffix, data in members if suffix in _ID_DTYPES]
+    if len(found) != 1:
+        others = sorted({suffix for suffix, _ in members} - set(_ID_DTYPES))
+        return f"{len(found)} ids members" if found else f"no ids member, only {others}"
+    suffix, data = found[0]
+    dtype = _ID_DTYPES[suffix]
+    if data is None or len(data) == 0 or len(data) % dtype.itemsize:
+        return f"{suffix} member of {0 if data is None else len(data)} bytes"
+    ids = np.frombuffer(data, dtype=dtype)
+    if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        return f"ids outside the vocabulary of {vocab_size}"
+    return ids
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
+
+
+def read_shard(url: str, *, start: int = 0, stop: int | None = None, vocab_size: int | None = None) -> Iterator[Sample]:
+    """(key, ids) for the samples at positions [start, stop) of one shard; any URL `webdataset.gopen` opens.
+
+    With `stop`, exactly `stop - start` samples, whatever the shard holds: the plan of every rank counts on it.
+    An unusable sample (see `_decode`; with `vocab_size`, ids must lie in [0, vocab_size)) becomes a placeholder
+    under its own key, and if the shard cannot be opened, breaks off or simply ends early, the rest of the range
+    becomes placeholders keyed `url#position`. Without `stop` the shard is read to its end, unusable samples are
+    dropped, and a shard that breaks off just ends there. Either way no error of the shard's escapes (only
+    KeyboardInterrupt, SystemExit and their kind do); the damage is reported as one BadShardWarning once the
+    shard is done.
+    """
+    bad: list[tuple[str, str]] = []  # (key, why) of unusable samples in the range
+    problems: list[str] = []  # what went wrong with the shard as a whole
+    position = 0  # samples of the shard seen so far
+    stream: IO[bytes] | None = None
+    samples: Generator[_Group, None, None] | None = None
+    ended = False  # read to the tar's own end (as opposed to stopping at `stop` or on an error)
+    broken = False  # the tar could not be opened or broke off
+    try:
+        try:
+            stream = wds.gopen(url)
+            samples = _tar_samples(stream)
+        except Exception as exc:
+            problems.append(f"cannot be opened ({_one_line(exc)})")
+            broken = True
+        while samples is not None and (stop is None or position < stop):
+            try:
+                key, members = next(samples)
+            except StopIteration:
+                ended = True
                 break
-        else:
-            complete = True
+            except Exception as exc:
+                problems.append(f"unreadable after {position} samples ({_one_line(exc)})")
+                broken = True
+                break
+            position += 1
+            if position <= start:
+                continue
+            ids = _decode(members, vocab_size)
+            if isinstance(ids, str):
+                bad.append((key, ids))
+                if stop is not None:
+                    yield placeholder(key)
+                continue
+            yield key, ids
+        if ended and stop is not None and position < stop:
+            problems.append(f"holds {position} samples, the manifest promised at least {stop}")
+        closed = _close(samples, stream)
+        samples = stream = None
+        if closed is not None and ended:
+            # A `pipe:` reader stopped early kills its producer with SIGPIPE, a non-zero exit that means nothing;
+            # a pipe that fails although we read its tar to the end is worth a word (its samples are fine).
+            problems.append(f"closing it failed ({closed})")
+        missing = range(0) if stop is None else range(max(position, start), stop)
+        if bad:
+            key, why = bad[0]
+            problems.insert(0, f"{len(bad)} unusable sample(s), the first: {key!r} has no valid ids entry ({why})")
+        if problems:
+            if stop is not None:
+                fate = f"{len(bad) + len(missing)} of {stop - start} samples replaced by placeholders"
+            else:
+                fate = f"{len(bad)} sample(s) dropped" + (", and whatever followed" if broken else "")
+            warnings.warn(f"{url}: {'; '.join(problems)}; {fate}", BadShardWarning, stacklevel=2)
+        for missing_position in missing:
+            yield placeholder(f"{url}#{missing_position}")
     finally:
+        _close(samples, stream)
+
+
+def _close(samples: Generator[_Group, None, None] | None, stream: IO[bytes] | None) -> str | None:
+    """Close the tar reader and its stream; what closing the stream raised, as one line, if it did."""
+    if samples is not None:
         samples.close()
-        _close(stream, quiet=not complete)
-    if stop is not None and position < stop:
-        warnings.warn(f"{url}: holds {position} samples, the manifest promised at least {stop}", stacklevel=2)
-
-
-def _close(stream: IO[bytes], *, quiet: bool) -> None:
-    # A `pipe:` reader stopped mid-shard kills its producer with SIGPIPE, a non-zero exit that means nothing;
-    # a pipe that fails while we read it to the end is a real error and propagates.
+    if stream is None:
+        return None
     try:
         stream.close()
-    except OSError:
-        if not quiet:
-            raise
+    except Exception as exc:
+        return _one_line(exc)
+    return None
 
 
 def buffer_shuffled(samples: Iterator[Sample], *, size: int, rng: np.random.Generator) -> Iterator[Sample]:
@@ -159,8 +302,9 @@ class BatchStream(IterableDataset):
     """Masked, collated micro-batches for one rank: a pure function of the constructor arguments.
 
     Yields dicts with `input_ids`, `attention_mask`, `labels` (int64, (B, L), L padded to a multiple of
-    `pad_multiple`, labels -100 off target), `keys` (sample keys, for audits) and `epoch`. Epochs run from
-    `start_epoch` forever, or up to (excluding) `max_epochs`.
+    `pad_multiple`, labels -100 off target), `keys` (keys of the samples trained on, for audits), `skipped`
+    (how many rows are placeholders for unreadable samples: all padding, never in `keys`) and `epoch`. Epochs
+    run from `start_epoch` forever, or up to (excluding) `max_epochs`.
     """
 
     def __init__(
@@ -234,7 +378,7 @@ class BatchStream(IterableDataset):
 
     def _samples(self, epoch: int, num_workers: int, worker: int) -> Iterator[Sample]:
         for shard, first, stop in self._pieces(epoch, num_workers, worker):
-            yield from read_shard(self.urls[shard], start=first, stop=stop)
+            yield from read_shard(self.urls[shard], start=first, stop=stop, vocab_size=self.masker.vocab_size)
 
     def _epoch(self, epoch: int, num_workers: int, worker: int, *, skip: int) -> Iterator[dict]:
         coords = (self.seed, epoch, self.rank, worker)
@@ -258,11 +402,13 @@ class BatchStream(IterableDataset):
         )
         generator = torch.Generator().manual_seed(_seed(_MASKING, *coords, index))
         masked, labels = self.masker(input_ids, attention_mask, generator=generator)
+        keys = [sample[0] for sample in batch if not is_placeholder(sample)]
         return {
             "input_ids": masked,
             "attention_mask": attention_mask,
             "labels": labels,
-            "keys": [key for key, _ in batch],
+            "keys": keys,
+            "skipped": len(batch) - len(keys),
             "epoch": coords[1],
         }
 
