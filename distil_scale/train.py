@@ -122,14 +122,14 @@ def _zero_backward(engine, ids: torch.Tensor) -> None:
     runs the student on one all-padding row and backpropagates 0 times its output.
     """
     out = engine(input_ids=ids[:1], attention_mask=torch.zeros_like(ids[:1]))
-    logits = out.logits if isinstance(out.logits, torch.Tensor) else out.logits[0]
-    engine.backward(logits.float().sum() * 0.0)
+    engine.backward(out.logits.float().sum() * 0.0)
 
 
-def micro_step(engine, teacher, batch: dict, cfg: Config) -> tuple[torch.Tensor, bool]:
+def micro_step(engine, teacher, batch: dict, cfg: Config, *, skipped: int = 0) -> tuple[torch.Tensor, bool]:
     """Forward + backward of one micro-batch: (the detached sums row, see _TOTAL ..., whether its loss was finite).
 
     A micro-batch whose loss is not finite contributes nothing to its step; checking that is one host sync.
+    `skipped` is how many of the batch's rows stand in for unreadable samples (the stream's count).
     """
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     terms_of = _fused_terms if cfg.loss.impl == "fused" else _eager_terms
@@ -144,8 +144,8 @@ def micro_step(engine, teacher, batch: dict, cfg: Config) -> tuple[torch.Tensor,
         parts = torch.zeros_like(parts)
         _zero_backward(engine, ids)
     engine.step()
-    extra = torch.stack([mask.sum().float(), torch.tensor(float(good)), torch.tensor(0.0)]).to(parts.device)
-    return torch.cat([parts, extra]), good
+    counts = parts.new_tensor([float(good), float(skipped)])
+    return torch.cat([parts, mask.sum().float().reshape(1), counts]), good
 
 
 def _log_row(sums: torch.Tensor, *, micro_batches: int, state: dict, engine, lr: float, clock: Clock, span_s: float):
@@ -175,8 +175,8 @@ def _log_row(sums: torch.Tensor, *, micro_batches: int, state: dict, engine, lr:
 
 def _weights_finite(engine, group) -> bool:
     """Whether every rank's share of the student's weights is finite (under ZeRO-3 a rank holds a partition)."""
-    local = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in engine.module.parameters())
-    flag = torch.tensor([int(local)])
+    shares = [torch.isfinite(getattr(p, "ds_tensor", p)).all() for p in engine.module.parameters()]
+    flag = torch.stack(shares).all().reshape(1).long().cpu()  # one device sync, not one per parameter
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
@@ -244,9 +244,10 @@ def train(cfg: Config) -> dict:
         keys, bad_step = [], False
         for _ in range(accum):
             batch = next(batches)
-            row_sums, good = micro_step(engine, teacher, _to(batch, placement.device), cfg)
+            row_sums, good = micro_step(
+                engine, teacher, _to(batch, placement.device), cfg, skipped=batch.get("skipped", 0)
+            )
             sums += row_sums
-            sums[_SKIPPED] += batch.get("skipped", 0)
             bad_step |= not good
             state["epoch"] = batch["epoch"]
             keys.extend(batch["keys"])
