@@ -20,12 +20,14 @@ def _train(args: argparse.Namespace, overrides: list[str]) -> int:
 
     cfg = load_config(args.config, overrides)
     check_paths(cfg)
+    from distil_scale.checkpoint import CheckpointWriteError
     from distil_scale.train import Diverged, train
 
     try:
         train(cfg)
-    except Diverged as err:
-        print(f"distil-scale: {err}", file=sys.stderr, flush=True)
+    except (Diverged, CheckpointWriteError) as err:  # every rank raises it; one says why
+        if os.environ.get("RANK", "0") == "0":
+            print(f"distil-scale: {err}", file=sys.stderr, flush=True)
         return 1
     return 0
 

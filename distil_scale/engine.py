@@ -135,11 +135,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(model: torch.nn.Module, cfg: Config, placement: Placement):
-    """Wrap the student in a DeepSpeed engine; returns (engine, ds_config)."""
+def build_engine(model: torch.nn.Module, cfg: Config, placement: Placement, *, load_universal: bool = False):
+    """Wrap the student in a DeepSpeed engine; returns (engine, ds_config). `load_universal`: the engine will
+    load a universal checkpoint (a resume at another world size; see checkpoint.prepare_load)."""
     import deepspeed
 
     ds_config = deepspeed_config(cfg, world_size=placement.world_size, device=placement.device)
+    if load_universal:
+        ds_config.setdefault("checkpoint", {})["load_universal"] = True
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups(model, cfg.optim.weight_decay), config=ds_config
     )

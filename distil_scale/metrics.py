@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Protocol
@@ -98,14 +99,25 @@ def open_sinks(output_dir: str, *, max_steps: int, tensorboard: bool, resumed_st
 
 
 class AuditLog:
-    """`audit/rank<r>.jsonl`: the sample keys each optimizer step trained on, one row per step, every rank."""
+    """`audit/rank<r>.jsonl`: the sample keys each optimizer step trained on, every rank.
 
-    def __init__(self, output_dir: str, rank: int, *, keep_until_step: int):
-        os.makedirs(os.path.join(output_dir, "audit"), exist_ok=True)
-        self._sink = JsonlSink(os.path.join(output_dir, "audit", f"rank{rank}.jsonl"), keep_until_step=keep_until_step)
+    One row per step and epoch, `{"step": s, "epoch": e, "keys": [...]}`: a step whose micro-batches straddle an
+    epoch boundary writes two rows, so that the rows of one epoch list exactly what that epoch trained on.
+    """
 
-    def write(self, step: int, epoch: int, keys: list[str]) -> None:
-        self._sink.write({"step": step, "epoch": epoch, "keys": keys})
+    def __init__(self, output_dir: str, rank: int, *, world_size: int, keep_until_step: int):
+        folder = os.path.join(output_dir, "audit")
+        os.makedirs(folder, exist_ok=True)
+        self._sink = JsonlSink(os.path.join(folder, f"rank{rank}.jsonl"), keep_until_step=keep_until_step)
+        if rank == 0:  # the logs of ranks an earlier, larger world had: their steps after the resumed one are undone
+            for name in os.listdir(folder):
+                match = re.fullmatch(r"rank(\d+)\.jsonl", name)
+                if match and int(match.group(1)) >= world_size:
+                    truncate_after_step(os.path.join(folder, name), keep_until_step)
+
+    def write(self, step: int, keys_by_epoch: dict[int, list[str]]) -> None:
+        for epoch, keys in sorted(keys_by_epoch.items()):
+            self._sink.write({"step": step, "epoch": epoch, "keys": keys})
 
     def close(self) -> None:
         self._sink.close()

@@ -16,6 +16,8 @@ import transformers
 
 from distil_scale import checkpoint
 from distil_scale.config import Config, save_config
+from distil_scale.data.position import DataOrigin, DataPosition
+from distil_scale.data.stream import close_loader
 from distil_scale.engine import Placement, build_engine, init_distributed
 from distil_scale.inputs import build_models, ensure_inputs, make_batches, tokenizer_dir
 from distil_scale.losses import LossTerms, fused_triple_loss, head_loss, triple_loss
@@ -51,8 +53,11 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
+_MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+
+
 def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    return {k: batch[k].to(device, non_blocking=True) for k in _MODEL_INPUTS}
 
 
 def _eager_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
@@ -198,6 +203,34 @@ def _announce(cfg: Config, placement: Placement, engine, accum: int, resumed: tu
     )
 
 
+def _data_plan(cfg: Config, placement: Placement) -> dict:
+    """The shape the stream's plan depends on: a resume with another one re-splits the unfinished epochs."""
+    data = cfg.data
+    return {
+        "world_size": placement.world_size,
+        "num_workers": max(data.num_workers, 1),
+        "micro_batch_size": cfg.train.micro_batch_size,
+        "shuffle_buffer": data.shuffle_buffer,
+        "group_batches": data.group_batches,
+        "seed": cfg.run.seed,
+    }
+
+
+def _announce_resplit(placement: Placement, old: dict, new: dict, position: DataPosition) -> None:
+    if not placement.is_main:
+        return
+    changed = ", ".join(f"{key} {old.get(key)} -> {value}" for key, value in new.items() if old.get(key) != value)
+    left = ", ".join(
+        f"epoch {epoch}: {position.num_samples - int(mask.sum())} of {position.num_samples}"
+        for epoch, mask in position.consumed.items()
+    )
+    print(
+        f"distil-scale: the data plan changed ({changed}); re-splitting from epoch {position.start_epoch} over the "
+        f"samples not yet trained on ({left or 'a fresh epoch'})",
+        flush=True,
+    )
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) one training run; returns the last metrics row (on every rank)."""
     placement = init_distributed()
@@ -208,20 +241,35 @@ def train(cfg: Config) -> dict:
         ensure_inputs(cfg)
     dist.barrier()
     teacher, student, manifest = build_models(cfg, placement)
-    engine, ds_config = build_engine(student, cfg, placement)
-    accum = ds_config["gradient_accumulation_steps"]
     save_dir = os.path.join(cfg.run.output_dir, "checkpoints")
     resumed = checkpoint.resolve(save_dir, cfg.train.resume)
+    saved = checkpoint.training_state(*resumed) if resumed else {}
+    universal = bool(resumed) and checkpoint.prepare_load(
+        *resumed, saved, world_size=placement.world_size, zero_stage=cfg.train.zero_stage
+    )
+    engine, ds_config = build_engine(student, cfg, placement, load_universal=universal)
+    accum = ds_config["gradient_accumulation_steps"]
     state = {"step": 0, "epoch": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0}
+    plan = _data_plan(cfg, placement)
+    position = DataPosition(sum(manifest.samples("train")))
+    origin = DataOrigin(0, plan, position.copy())
     if resumed:
-        state = checkpoint.load(engine, *resumed)
+        same_world = saved["world_size"] == placement.world_size
+        state = checkpoint.load(engine, *resumed, universal=universal, restore_rng=same_world)
+        if not same_world:
+            torch.manual_seed(cfg.run.seed + 1 + placement.rank + state["step"] * 7919)
+        origin, position = checkpoint.load_data(*resumed, state, num_samples=position.num_samples)
+        if origin.plan != plan:
+            _announce_resplit(placement, origin.plan, plan, position)
+            origin = DataOrigin(state["step"], plan, position.copy())
     else:
         # Dropout differs across ranks; checkpoints carry each rank's RNG from here on.
         torch.manual_seed(cfg.run.seed + 1 + placement.rank)
     if placement.is_main:
         save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
     _announce(cfg, placement, engine, accum, resumed)
-    batches = iter(make_batches(cfg, manifest, placement, skip_batches=state["step"] * accum))
+    skip_batches = (state["step"] - origin.step) * accum
+    batches = iter(make_batches(cfg, manifest, placement, origin=origin, skip_batches=skip_batches))
     sink = None
     if placement.is_main:
         sink = open_sinks(
@@ -230,7 +278,11 @@ def train(cfg: Config) -> dict:
             tensorboard=cfg.log.tensorboard,
             resumed_step=state["step"],
         )
-    audit = AuditLog(cfg.run.output_dir, placement.rank, keep_until_step=state["step"]) if cfg.data.audit else None
+    audit = None
+    if cfg.data.audit:
+        audit = AuditLog(
+            cfg.run.output_dir, placement.rank, world_size=placement.world_size, keep_until_step=state["step"]
+        )
     clock, start_step = Clock(state["elapsed_s"]), state["step"]
     row = {}
     sums = torch.zeros(_SKIPPED + 1, device=placement.device)
@@ -238,66 +290,73 @@ def train(cfg: Config) -> dict:
     signals = StopSignals()
     stop = nonfinite_run = 0
     engine.train()
-    while state["step"] < cfg.train.max_steps and not stop:
-        # The rate this step's update uses (the scheduler advances inside the boundary engine.step()).
-        lr = engine.optimizer.param_groups[0]["lr"]
-        keys, bad_step = [], False
-        for _ in range(accum):
-            batch = next(batches)
-            row_sums, good = micro_step(
-                engine, teacher, _to(batch, placement.device), cfg, skipped=batch.get("skipped", 0)
-            )
-            sums += row_sums
-            bad_step |= not good
-            state["epoch"] = batch["epoch"]
-            keys.extend(batch["keys"])
-            span_micro += 1
-        state["step"] += 1
-        state["samples"] += cfg.train.sequences_per_step
-        step = state["step"]
-        if audit is not None:
-            audit.write(step, state["epoch"], keys)
-        stop, bad_step = signals.agreed(int(bad_step))
-        nonfinite_run = nonfinite_run + 1 if bad_step else 0
-        last = step == cfg.train.max_steps or stop or nonfinite_run >= cfg.train.max_nonfinite_steps
-        if step % cfg.log.every_steps == 0 or last:
-            tokens_before = state["tokens"]
-            row = _log_row(
-                sums,
-                micro_batches=span_micro,
-                state=state,
-                engine=engine,
-                lr=lr,
-                clock=clock,
-                span_s=time.perf_counter() - span_start,
-            )
-            state["tokens"] = tokens_before + int(sums[_TOKENS].item())
-            row["tokens"], row["steps_this_run"] = state["tokens"], step - start_step
-            if sink is not None:
-                sink.write(row)
-            sums.zero_()
-            span_start, span_micro = time.perf_counter(), 0
-        if nonfinite_run >= cfg.train.max_nonfinite_steps:
-            break
-        if (step % cfg.checkpoint.every_steps == 0 or last) and not bad_step:
-            if not _weights_finite(engine, signals.group):
-                if placement.is_main:
-                    print(f"distil-scale: step {step}: the weights are not finite; no checkpoint written", flush=True)
-                continue
-            state["elapsed_s"] = clock.elapsed()
-            checkpoint.save(
-                engine,
-                save_dir,
-                step=step,
-                state=dict(state),
-                cfg=cfg,
-                model_config=engine.module.config,
-                keep_last=cfg.checkpoint.keep_last,
-            )
-    signals.restore()
-    for log in (sink, audit):
-        if log is not None:
-            log.close()
+    try:
+        while state["step"] < cfg.train.max_steps and not stop:
+            # The rate this step's update uses (the scheduler advances inside the boundary engine.step()).
+            lr = engine.optimizer.param_groups[0]["lr"]
+            keys: dict[int, list[str]] = {}  # epoch -> the keys trained on; a step may straddle two epochs
+            bad_step = False
+            for _ in range(accum):
+                batch = next(batches)
+                row_sums, good = micro_step(
+                    engine, teacher, _to(batch, placement.device), cfg, skipped=batch.get("skipped", 0)
+                )
+                sums += row_sums
+                bad_step |= not good
+                state["epoch"] = batch["epoch"]
+                position.mark(batch["epoch"], batch["sample_ids"])
+                keys.setdefault(batch["epoch"], []).extend(batch["keys"])
+                span_micro += 1
+            state["step"] += 1
+            state["samples"] += cfg.train.sequences_per_step
+            step = state["step"]
+            if audit is not None:
+                audit.write(step, keys)
+            stop, bad_step = signals.agreed(int(bad_step))
+            nonfinite_run = nonfinite_run + 1 if bad_step else 0
+            last = step == cfg.train.max_steps or stop or nonfinite_run >= cfg.train.max_nonfinite_steps
+            if step % cfg.log.every_steps == 0 or last:
+                tokens_before = state["tokens"]
+                row = _log_row(
+                    sums,
+                    micro_batches=span_micro,
+                    state=state,
+                    engine=engine,
+                    lr=lr,
+                    clock=clock,
+                    span_s=time.perf_counter() - span_start,
+                )
+                state["tokens"] = tokens_before + int(sums[_TOKENS].item())
+                row["tokens"], row["steps_this_run"] = state["tokens"], step - start_step
+                if sink is not None:
+                    sink.write(row)
+                sums.zero_()
+                span_start, span_micro = time.perf_counter(), 0
+            if nonfinite_run >= cfg.train.max_nonfinite_steps:
+                break
+            if (step % cfg.checkpoint.every_steps == 0 or last) and not bad_step:
+                if not _weights_finite(engine, signals.group):
+                    if placement.is_main:
+                        print(f"distil-scale: step {step}: the weights are not finite; no checkpoint", flush=True)
+                    continue
+                state["elapsed_s"] = clock.elapsed()
+                position.agree(signals.group)
+                checkpoint.save(
+                    engine,
+                    save_dir,
+                    step=step,
+                    state=dict(state),
+                    data=(origin, position),
+                    cfg=cfg,
+                    model_config=engine.module.config,
+                    keep_last=cfg.checkpoint.keep_last,
+                )
+    finally:
+        close_loader(batches)
+        signals.restore()
+        for log in (sink, audit):
+            if log is not None:
+                log.close()
     if nonfinite_run >= cfg.train.max_nonfinite_steps:
         last_good = checkpoint.latest_tag(save_dir)
         raise Diverged(

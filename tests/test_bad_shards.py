@@ -223,10 +223,10 @@ def _recorded(samples: Iterator) -> tuple[list, list[str]]:
 
 
 def _check_rows(batch: dict, originals: dict[str, np.ndarray]) -> None:
-    """Real rows carry their sample in `keys` order; placeholder rows are padding without labels."""
+    """Real rows carry their sample in `keys` order; placeholder and filler rows are padding without labels."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    real = mask.sum(1) > 0
-    assert len(batch["keys"]) == int(real.sum()) and batch["skipped"] == int((~real).sum())
+    real, fillers = mask.sum(1) > 0, int((batch["sample_ids"] < 0).sum())
+    assert len(batch["keys"]) == int(real.sum()) and batch["skipped"] == int((~real).sum()) - fillers
     assert (labels[~real] == -100).all() and (ids[~real] == 0).all()
     restored = torch.where(labels == -100, ids, labels)[real]
     for row, length, key in zip(restored, mask[real].sum(1).tolist(), batch["keys"], strict=True):
@@ -249,7 +249,7 @@ def test_damaged_shard_keeps_every_rank_in_step(manifest, originals, pristine, t
         assert sorted(got_keys) == sorted(want_keys - destroyed)
         skipped = sum(batch["skipped"] for batch in batches)
         assert skipped == len(want_keys & destroyed)
-        assert sum(len(batch["input_ids"]) for batch in batches) == len(want_keys)
+        assert sum(len(batch["input_ids"]) for batch in batches) == sum(len(batch["input_ids"]) for batch in want)
         for batch in batches:
             _check_rows(batch, originals)
         total_skipped += skipped

@@ -133,6 +133,27 @@ def test_fused_loss_under_zero3_matches_eager_stage0(tmp_path):
         torch.testing.assert_close(weights["fused3"][key], value, rtol=1e-4, atol=1e-6, msg=key)
 
 
+def _kill_after_checkpoint(out, inputs, step: int, *overrides: str, num_procs: int = 2) -> str:
+    """Run until checkpoint `step` is complete, then SIGKILL the launcher and every rank, wherever they are
+    (usually a step or two further on). Returns the run's output."""
+    out.mkdir(exist_ok=True)
+    log = out.parent / f"{out.name}-until-{step}.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen(
+            _command(out, inputs, *overrides, num_procs=num_procs), cwd=str(out.parent), env=ENV,
+            start_new_session=True, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        marker = out / "checkpoints" / f"step{step:08d}" / "COMPLETE"
+        deadline = time.monotonic() + 600
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    output = log.read_text()
+    assert marker.exists(), output[-4000:]
+    return output
+
+
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     """Kill every process mid-run, plant a half-written checkpoint, resume: same losses, same weights, bit for bit."""
     import torch
@@ -143,18 +164,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     _launch(tmp_path / "straight", inputs, *common)
 
     out = tmp_path / "killed"
-    out.mkdir()
-    proc = subprocess.Popen(
-        _command(out, inputs, *common), cwd=str(tmp_path), env=ENV, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    marker = out / "checkpoints" / "step00000008" / "COMPLETE"
-    deadline = time.monotonic() + 600
-    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks, wherever they are
-    proc.wait()
-    assert marker.exists() and not (out / "export").exists(), "the run was not killed mid-way"
+    _kill_after_checkpoint(out, inputs, 8, *common)
+    assert not (out / "export").exists(), "the run was not killed mid-way"
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert 8 <= len(rows) < 24
     # A checkpoint a crash interrupted: shards on disk, no COMPLETE marker. Resume must pass over it.
@@ -230,3 +241,101 @@ def test_nonfinite_loss_stops_the_run_and_leaves_finite_checkpoints(tmp_path):
     export_student(str(out / "checkpoints"), str(tmp_path / "last_good"), tokenizer_dir=str(inputs / "tokenizer"))
     weights = load_file(str(tmp_path / "last_good" / "model.safetensors"))
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def _can_mount_tmpfs() -> bool:
+    probe = "d=$(mktemp -d) && mount -t tmpfs -o size=1m tmpfs $d && umount $d; rmdir $d"
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", probe], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs a user + mount namespace (unshare -rm) for a small tmpfs")
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path):
+    """The checkpoint directory is a real 64 MB filesystem, filled up after step 4: the step-8 save fails on the
+    ranks, which agree, remove the partial tag and stop with a message; with space freed, the run resumes."""
+    import shlex
+
+    inputs, out = tmp_path / "inputs", tmp_path / "run"
+    checkpoints = out / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    common = ["--train.max_steps=12", "--checkpoint.every_steps=4", "--checkpoint.keep_last=3"]
+    run = shlex.join(_command(out, inputs, *common))
+    marker = checkpoints / "step00000004" / "COMPLETE"
+    fill = f"while [ ! -e {marker} ]; do sleep 0.05; done; cat /dev/zero > {checkpoints}/fill"
+    script = (
+        f"mount -t tmpfs -o size=64m tmpfs {checkpoints} || exit 99\n"
+        f"({fill}) 2>/dev/null &\n"
+        f"{run} > {tmp_path}/first.log 2>&1; echo $? > {tmp_path}/first.rc\n"
+        f"ls {checkpoints} > {tmp_path}/after.ls\n"
+        f"rm -f {checkpoints}/fill\n"
+        f"{run} > {tmp_path}/second.log 2>&1; echo $? > {tmp_path}/second.rc\n"
+    )
+    subprocess.run(["unshare", "-rm", "sh", "-c", script], cwd=str(tmp_path), env=ENV, timeout=900, check=True)
+    first = (tmp_path / "first.log").read_text()
+    assert (tmp_path / "first.rc").read_text().strip() == "1", first[-4000:]
+    assert f"could not write checkpoint {checkpoints}/step00000008" in first, first[-4000:]
+    assert f"{checkpoints}/step00000004, is intact" in first
+    # The partial tag is gone, the previous one untouched; no rank hung (the launcher returned).
+    listing = (tmp_path / "after.ls").read_text().split()
+    assert "fill" in listing and [name for name in listing if name.startswith("step")] == ["step00000004"]
+    second = (tmp_path / "second.log").read_text()
+    assert (tmp_path / "second.rc").read_text().strip() == "0", second[-4000:]
+    assert f"resuming from {checkpoints}/step00000004" in second
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    assert (out / "export" / "model.safetensors").exists()
+
+
+def _audit_by_epoch(out) -> dict[int, list[str]]:
+    """{epoch: every key the audit logs of all ranks list for it}."""
+    by_epoch: dict[int, list[str]] = {}
+    for log in sorted((out / "audit").iterdir()):
+        for row in map(json.loads, log.read_text().splitlines()):
+            by_epoch.setdefault(row["epoch"], []).extend(row["keys"])
+    return by_epoch
+
+
+def test_elastic_resume_2_then_1_then_2_ranks_trains_every_sample_once_per_epoch(tmp_path):
+    """Crash at 2 ranks, resume on 1 (through the end of epoch 0), crash, resume on 2 (through the end of epoch 1):
+    the optimizer state is carried (DeepSpeed universal checkpoints, made automatically) and the audit logs show
+    every sample exactly once in each finished epoch and none twice in the unfinished one."""
+    import torch
+
+    from distil_scale.data.shards import read_manifest
+    from distil_scale.data.stream import read_shard
+
+    inputs, out = tmp_path / "inputs", tmp_path / "run"
+    common = ["--train.max_steps=34", "--checkpoint.every_steps=6", "--checkpoint.keep_last=3"]
+    common += ["--train.zero_stage=2", "--data.audit=true", "--data.embedded_docs=200"]
+    _kill_after_checkpoint(out, inputs, 6, *common)
+    one = _kill_after_checkpoint(out, inputs, 18, *common, num_procs=1)
+    assert "written by 2 rank(s); converting it to a universal checkpoint for 1" in one, one[-4000:]
+    assert "the data plan changed (world_size 2 -> 1)" in one
+    two = _launch(out, inputs, *common).stdout
+    assert "written by 1 rank(s); converting it to a universal checkpoint for 2" in two
+    assert "resuming from" in two and "step00000018" in two
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 35))
+    assert rows[-1]["epoch"] == 2 and (out / "export" / "model.safetensors").exists()
+    # Rank 1's log: its steps of the first run up to the checkpoint (the crash's extra steps undone), then the
+    # last run's. Rank 0 logged every step.
+    steps = {r: sorted({json.loads(x)["step"] for x in (out / "audit" / f"rank{r}.jsonl").read_text().splitlines()})
+             for r in (0, 1)}  # fmt: skip
+    assert steps == {0: list(range(1, 35)), 1: list(range(1, 7)) + list(range(19, 35))}
+
+    split = [key for url in read_manifest(str(inputs / "shards")).urls("train") for key, _ in read_shard(url)]
+    by_epoch = _audit_by_epoch(out)
+    assert sorted(by_epoch) == [0, 1, 2]
+    for epoch in (0, 1):  # finished: every sample exactly once
+        assert sorted(by_epoch[epoch]) == sorted(split), epoch
+    assert 0 < len(by_epoch[2]) == len(set(by_epoch[2])) < len(split)
+
+    # Adam's step count went on from the 2-rank run: the optimizer state came through the universal checkpoint.
+    optim = torch.load(
+        out / "checkpoints" / "step00000030" / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False
+    )
+    adam = optim["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    assert {int(s["step"]) for s in adam.values()} == {30}

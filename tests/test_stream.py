@@ -71,8 +71,69 @@ def test_rank_worker_blocks_are_disjoint_complete_and_equal(tiny_dataset, monkey
             rank_batches += len(batches)
             seen += [key for batch in batches for key in batch["keys"]]
         assert rank_batches == stream.batches_per_epoch(num_workers)  # equal on every rank: nobody waits forever
-    assert len(seen) == len(set(seen))
-    assert set(seen) <= all_keys and len(all_keys) - len(seen) == len(all_keys) % world_size
+    # Every sample exactly once: a rank one sample short pads with a filler row instead of dropping a remainder.
+    assert len(seen) == len(set(seen)) == len(all_keys) and set(seen) == all_keys
+
+
+def _split_keys(dataset: str) -> list[str]:
+    """The keys of the train split in manifest order: position i is the sample `sample_ids` calls i."""
+    return [key for url in read_manifest(dataset).urls("train") for key, _ in read_shard(url)]
+
+
+def test_sample_ids_name_the_rows(tiny_dataset):
+    split = _split_keys(tiny_dataset)
+    stream = _make(tiny_dataset, rank=1, world_size=2)  # 451 samples: rank 1 has the filler row
+    batches = list(stream)
+    ids = [int(i) for b in batches for i in b["sample_ids"]]
+    assert ids.count(-1) == 1 and len(set(ids)) == len(ids)
+    for batch in batches:
+        real = [int(i) for i in batch["sample_ids"] if i >= 0]
+        assert [split[i] for i in real] == batch["keys"] and batch["skipped"] == 0
+        assert batch["input_ids"].shape[0] == len(batch["sample_ids"])
+
+
+def _consumed_by(dataset: str, world_size: int, batches_per_rank: int, **kwargs) -> np.ndarray:
+    """The mask of the samples a run of `world_size` ranks trained on in its first batches (epoch 0)."""
+    mask = np.zeros(len(_split_keys(dataset)), dtype=bool)
+    for rank in range(world_size):
+        stream = _make(dataset, rank=rank, world_size=world_size, **kwargs)
+        for batch in list(stream)[:batches_per_rank]:
+            ids = batch["sample_ids"].numpy()
+            assert not mask[ids[ids >= 0]].any()
+            mask[ids[ids >= 0]] = True
+    return mask
+
+
+@pytest.mark.parametrize(("old_world", "new_world", "num_workers"), [(2, 1, 1), (1, 3, 2), (3, 2, 2)])
+def test_a_resplit_epoch_trains_exactly_the_samples_left(tiny_dataset, monkeypatch, old_world, new_world, num_workers):
+    split = _split_keys(tiny_dataset)
+    consumed = _consumed_by(tiny_dataset, old_world, 9, shuffle_buffer=20, micro_batch_size=5)
+    assert 0 < consumed.sum() < len(split)
+    per_epoch: dict[int, list[str]] = {0: [], 1: []}
+    for rank in range(new_world):
+        stream = _make(tiny_dataset, rank=rank, world_size=new_world, consumed={0: consumed}, origin=7, max_epochs=2)
+        counts = {0: 0, 1: 0}
+        for worker in range(num_workers):
+            _as_worker(monkeypatch, worker, num_workers)
+            for batch in stream:
+                per_epoch[batch["epoch"]] += batch["keys"]
+                counts[batch["epoch"]] += 1
+        # Every rank makes the same number of batches in the short epoch and in the full one after it.
+        assert counts == {0: stream.batches_per_epoch(num_workers, 0), 1: stream.batches_per_epoch(num_workers)}
+    left = [key for key, done in zip(split, consumed, strict=True) if not done]
+    assert sorted(per_epoch[0]) == sorted(left)
+    assert sorted(per_epoch[1]) == sorted(split)
+
+
+def test_skip_batches_resumes_a_resplit_stream_exactly(tiny_dataset):
+    consumed = _consumed_by(tiny_dataset, 2, 4)
+    kwargs = {"consumed": {1: consumed}, "start_epoch": 1, "max_epochs": 3, "origin": 3}
+    full = list(make_loader(_make(tiny_dataset, **kwargs), num_workers=2))
+    short = _make(tiny_dataset, **kwargs).batches_per_epoch(2, 1)
+    assert [b["epoch"] for b in full].count(1) == short < len(full) // 2
+    for skip in (2, short, short + 3):
+        resumed = list(make_loader(_make(tiny_dataset, skip_batches=skip, **kwargs), num_workers=2))
+        _assert_same_batches(resumed, full[skip:])
 
 
 def test_epochs_reshuffle_and_runs_repeat(tiny_dataset):
@@ -192,3 +253,5 @@ def test_constructor_rejects_impossible_splits(tiny_dataset):
         _make(tiny_dataset, world_size=10**6)
     with pytest.raises(ConfigError, match="micro_batch_size"):
         _make(tiny_dataset, micro_batch_size=0)
+    with pytest.raises(ConfigError, match="the consumed mask of epoch 0 has shape"):
+        _make(tiny_dataset, consumed={0: np.zeros(5, dtype=bool)})

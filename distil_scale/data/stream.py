@@ -1,24 +1,31 @@
 """The reader: a deterministic, resumable stream of masked micro-batches for one rank.
 
-Epoch plan (a pure function of seed, epoch, rank, world size and worker count):
+Epoch plan (a pure function of seed, epoch, rank, world size, worker count and what was consumed before):
 
     shards --seeded permutation(seed, epoch)--> one sample order, concatenated across shards
-           --cut into world_size contiguous blocks of floor(total / world_size) samples--> rank r's block
+           --minus the samples an earlier run of another shape already trained on in this epoch (if any)
+           --cut into world_size contiguous blocks (sizes differ by at most one)--> rank r's block
            --cut into num_workers contiguous sub-blocks (sizes differ by at most one)--> worker w's sub-block
 
-Every rank therefore sees the same number of samples and batches per epoch (no collective waits on a rank that
-ran out), blocks are disjoint, and together they cover all but the < world_size remainder of the epoch. A
-worker reads only the shards overlapping its sub-block, skipping entries outside it in the boundary shards.
+A rank whose block is one sample short adds one filler row (all padding: it trains nothing and is counted
+nowhere), so every rank makes the same number of batches per epoch (no collective waits on a rank that ran out),
+and the blocks partition the epoch: every sample is trained exactly once per epoch. A worker reads only the
+shards overlapping its sub-block, skipping entries outside it in the boundary shards.
 
 Inside a worker: seeded shuffle buffer -> length grouping (sort `group_batches * micro_batch_size` samples by
 length, cut into micro-batches, shuffle their order) -> collate -> mask. The last partial batch of a sub-block
 is kept, so batch counts depend only on sub-block sizes, which are equal across ranks.
 
-Resume: `skip_batches` is how many batches this rank's DataLoader already yielded. The DataLoader takes
-batches from its workers round-robin (skipping exhausted ones), so each worker works out its own share, skips
-whole epochs arithmetically and replays the shuffle/grouping of the partial epoch without collating or
-masking. Masks are seeded per (seed, epoch, rank, worker, batch index), so a replayed batch is bit-identical
-and a sample met again in a later epoch gets a fresh mask.
+Resume at the same shape: `skip_batches` is how many batches this rank's DataLoader already yielded. The
+DataLoader takes batches from its workers round-robin (skipping exhausted ones), so each worker works out its own
+share, skips whole epochs arithmetically and replays the shuffle/grouping of the partial epoch without collating
+or masking. Masks are seeded per (seed, origin, epoch, rank, worker, batch index), so a replayed batch is
+bit-identical and a sample met again in a later epoch gets a fresh mask.
+
+Resume at another shape (world size, workers, batch size): every batch names its samples (`sample_ids`), the
+trainer records them per epoch (distil_scale.data.position) and a checkpoint stores the union over ranks. The new
+stream starts from that record, `consumed`: the unfinished epochs are planned over their untrained samples only,
+then fresh epochs follow. That is exact about *which* samples remain, whatever order the old ranks drew them in.
 
 Bad input: a missing, truncated, corrupt or hostile shard neither stops the run nor puts the ranks out of step.
 `read_shard` always yields exactly the planned number of samples for each piece of a shard. A sample it cannot use
@@ -42,7 +49,7 @@ import re
 import signal
 import tarfile
 import warnings
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Mapping
 from typing import IO
 
 import numpy as np
@@ -64,6 +71,10 @@ _META_MEMBER = re.compile(r"__[^/]*__($|/)")
 _SHARD_ORDER, _SHUFFLE, _GROUPING, _MASKING = range(4)
 
 Sample = tuple[str, np.ndarray]
+# A sample as the stream carries it: (key, ids, its index in the split, or -1 for a filler row).
+Row = tuple[str, np.ndarray, int]
+# The row a rank with one sample fewer than its peers adds to its epoch: all padding, trains nothing, skips nothing.
+FILLER: Row = ("", np.zeros(0, dtype=np.int32), -1)
 
 
 def _seed(*parts: int) -> int:
@@ -262,9 +273,9 @@ def _close(samples: Generator[_Group, None, None] | None, stream: IO[bytes] | No
     return None
 
 
-def buffer_shuffled(samples: Iterator[Sample], *, size: int, rng: np.random.Generator) -> Iterator[Sample]:
+def buffer_shuffled(samples: Iterator[Row], *, size: int, rng: np.random.Generator) -> Iterator[Row]:
     """Reservoir-style shuffle with bounded memory: a seeded rng makes the order a pure function of the input."""
-    buffer: list[Sample] = []
+    buffer: list[Row] = []
     for sample in samples:
         if len(buffer) < size:
             buffer.append(sample)
@@ -277,11 +288,11 @@ def buffer_shuffled(samples: Iterator[Sample], *, size: int, rng: np.random.Gene
 
 
 def length_grouped(
-    samples: Iterator[Sample], *, micro_batch_size: int, group_batches: int, rng: np.random.Generator
-) -> Iterator[list[Sample]]:
+    samples: Iterator[Row], *, micro_batch_size: int, group_batches: int, rng: np.random.Generator
+) -> Iterator[list[Row]]:
     """Batches of similar length (less padding) in a shuffled order; the final batch may be short."""
     group_size = micro_batch_size * group_batches
-    group: list[Sample] = []
+    group: list[Row] = []
     for sample in samples:
         group.append(sample)
         if len(group) == group_size:
@@ -291,7 +302,7 @@ def length_grouped(
         yield from _cut_group(group, micro_batch_size, rng)
 
 
-def _cut_group(group: list[Sample], micro_batch_size: int, rng: np.random.Generator) -> Iterator[list[Sample]]:
+def _cut_group(group: list[Row], micro_batch_size: int, rng: np.random.Generator) -> Iterator[list[Row]]:
     by_length = sorted(group, key=lambda sample: len(sample[1]))  # stable: ties keep their shuffled order
     batches = [by_length[i : i + micro_batch_size] for i in range(0, len(by_length), micro_batch_size)]
     for index in rng.permutation(len(batches)):
@@ -302,9 +313,14 @@ class BatchStream(IterableDataset):
     """Masked, collated micro-batches for one rank: a pure function of the constructor arguments.
 
     Yields dicts with `input_ids`, `attention_mask`, `labels` (int64, (B, L), L padded to a multiple of
-    `pad_multiple`, labels -100 off target), `keys` (keys of the samples trained on, for audits), `skipped`
-    (how many rows are placeholders for unreadable samples: all padding, never in `keys`) and `epoch`. Epochs
-    run from `start_epoch` forever, or up to (excluding) `max_epochs`.
+    `pad_multiple`, labels -100 off target), `keys` (keys of the samples trained on, for audits), `sample_ids`
+    (int64, (B,): each row's index in the split, placeholders included, -1 for a filler row), `skipped` (how many
+    rows stand in for unreadable samples: all padding, never in `keys`) and `epoch`. Epochs run from
+    `start_epoch` forever, or up to (excluding) `max_epochs`.
+
+    `consumed` maps an epoch to a boolean mask over the split's samples (see `sample_ids`) of those already
+    trained on, by an earlier run of another shape; that epoch's plan covers only the others. `origin` (the step
+    such a plan starts at) seeds the shuffles, so a re-split epoch does not replay the old one's random choices.
     """
 
     def __init__(
@@ -319,6 +335,8 @@ class BatchStream(IterableDataset):
         masker: Masker,
         pad_id: int,
         start_epoch: int = 0,
+        consumed: Mapping[int, np.ndarray] | None = None,
+        origin: int = 0,
         skip_batches: int = 0,
         shuffle_buffer: int = 2000,
         group_batches: int = 64,
@@ -338,50 +356,96 @@ class BatchStream(IterableDataset):
             if value < 0:
                 raise ConfigError(f"{name} must be >= 0, got {value}")
         self.urls, self.samples_per_shard = list(urls), list(samples_per_shard)
-        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.num_samples = sum(self.samples_per_shard)
+        self._first_id = np.concatenate([[0], np.cumsum(self.samples_per_shard)]).astype(np.int64)
+        self.consumed = {}
+        for epoch, mask in (consumed or {}).items():
+            mask = np.asarray(mask)
+            if mask.dtype != bool or mask.shape != (self.num_samples,):
+                raise ConfigError(
+                    f"the consumed mask of epoch {epoch} has shape {mask.shape} and dtype {mask.dtype}; the split "
+                    f"has {self.num_samples} samples"
+                )
+            if epoch >= start_epoch:
+                self.consumed[epoch] = mask
+        self.rank, self.world_size, self.seed, self.origin = rank, world_size, seed, origin
         self.micro_batch_size, self.group_batches, self.shuffle_buffer = micro_batch_size, group_batches, shuffle_buffer
         self.masker, self.pad_id, self.pad_multiple = masker, pad_id, pad_multiple
         self.start_epoch, self.skip_batches, self.max_epochs = start_epoch, skip_batches, max_epochs
+        self._remaining_cache: dict[int, np.ndarray] = {}
 
-    def _sub_block(self, num_workers: int, worker: int) -> tuple[int, int]:
-        """[begin, end) of this rank's worker sub-block in the epoch's concatenated sample order."""
-        per_rank = sum(self.samples_per_shard) // self.world_size
-        size, rest = divmod(per_rank, num_workers)
-        begin = self.rank * per_rank + worker * size + min(worker, rest)
-        return begin, begin + size + (worker < rest)
+    def _remaining(self, epoch: int | None) -> np.ndarray:
+        """Samples of each shard (in shard index order) that `epoch` still has to train on."""
+        mask = self.consumed.get(epoch) if epoch is not None else None
+        if mask is None:
+            return np.asarray(self.samples_per_shard, dtype=np.int64)
+        if epoch not in self._remaining_cache:
+            done = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+            self._remaining_cache[epoch] = np.diff(self._first_id) - np.diff(done[self._first_id])
+        return self._remaining_cache[epoch]
 
-    def _worker_batches(self, num_workers: int) -> list[int]:
-        sizes = [end - begin for begin, end in (self._sub_block(num_workers, w) for w in range(num_workers))]
-        return [math.ceil(size / self.micro_batch_size) for size in sizes]
+    def _sub_block(self, epoch: int | None, num_workers: int, worker: int) -> tuple[int, int, bool]:
+        """[begin, end) of the worker's share of the epoch's remaining samples, and whether a filler row follows.
 
-    def batches_per_epoch(self, num_workers: int) -> int:
-        """Batches this rank's loader yields per epoch; identical on every rank."""
-        return sum(self._worker_batches(max(num_workers, 1)))
+        Rank r takes the r-th of world_size contiguous blocks of the remaining samples (in epoch order), their
+        sizes differing by at most one; a rank with the smaller block gets one filler row so that every rank
+        makes the same number of batches. The block (filler included) is cut into num_workers sub-blocks.
+        """
+        total = int(self._remaining(epoch).sum())
+        base, extra = divmod(total, self.world_size)
+        block = base + (extra > 0)
+        real = base + (self.rank < extra)
+        rank_begin = self.rank * base + min(self.rank, extra)
+        size, rest = divmod(block, num_workers)
+        lo = worker * size + min(worker, rest)
+        hi = lo + size + (worker < rest)
+        return rank_begin + min(lo, real), rank_begin + min(hi, real), hi > real
+
+    def _worker_batches(self, num_workers: int, epoch: int | None = None) -> list[int]:
+        shares = (self._sub_block(epoch, num_workers, w) for w in range(num_workers))
+        return [math.ceil((end - begin + filler) / self.micro_batch_size) for begin, end, filler in shares]
+
+    def batches_per_epoch(self, num_workers: int, epoch: int | None = None) -> int:
+        """Batches this rank's loader yields in `epoch` (default: an epoch nothing was consumed of); equal on
+        every rank."""
+        return sum(self._worker_batches(max(num_workers, 1), epoch))
 
     def shard_order(self, epoch: int) -> list[int]:
         # Seeded by (seed, epoch) only: every rank must agree on it for the blocks to partition the epoch.
         return np.random.default_rng(_seed(_SHARD_ORDER, self.seed, epoch)).permutation(len(self.urls)).tolist()
 
-    def _pieces(self, epoch: int, num_workers: int, worker: int) -> list[tuple[int, int, int]]:
-        """(shard index, first, stop) ranges making up the worker's sub-block, in epoch order."""
-        begin, end = self._sub_block(num_workers, worker)
-        pieces, position = [], 0
+    def _pieces(self, epoch: int, num_workers: int, worker: int) -> list[tuple[int, int, int, np.ndarray | None]]:
+        """(shard index, first, stop, which of them to keep or None for all) ranges of the worker's sub-block."""
+        begin, end, _ = self._sub_block(epoch, num_workers, worker)
+        consumed, remaining = self.consumed.get(epoch), self._remaining(epoch)
+        pieces, position = [], 0  # position: remaining samples of the shards walked so far
         for shard in self.shard_order(epoch):
-            count = self.samples_per_shard[shard]
-            first, stop = max(begin - position, 0), min(end - position, count)
-            if first < stop:
-                pieces.append((shard, first, stop))
+            count = int(remaining[shard])
+            lo, hi = max(begin - position, 0), min(end - position, count)
+            if lo < hi and count == self.samples_per_shard[shard]:
+                pieces.append((shard, lo, hi, None))
+            elif lo < hi:
+                first = self._first_id[shard]
+                free = np.flatnonzero(~consumed[first : first + self.samples_per_shard[shard]])
+                start, stop = int(free[lo]), int(free[hi - 1]) + 1
+                pieces.append((shard, start, stop, ~consumed[first + start : first + stop]))
             position += count
             if position >= end:
                 break
         return pieces
 
-    def _samples(self, epoch: int, num_workers: int, worker: int) -> Iterator[Sample]:
-        for shard, first, stop in self._pieces(epoch, num_workers, worker):
-            yield from read_shard(self.urls[shard], start=first, stop=stop, vocab_size=self.masker.vocab_size)
+    def _samples(self, epoch: int, num_workers: int, worker: int) -> Iterator[Row]:
+        for shard, start, stop, keep in self._pieces(epoch, num_workers, worker):
+            first = int(self._first_id[shard]) + start
+            samples = read_shard(self.urls[shard], start=start, stop=stop, vocab_size=self.masker.vocab_size)
+            for offset, (key, ids) in enumerate(samples):
+                if keep is None or keep[offset]:
+                    yield key, ids, first + offset
+        if self._sub_block(epoch, num_workers, worker)[2]:
+            yield FILLER
 
     def _epoch(self, epoch: int, num_workers: int, worker: int, *, skip: int) -> Iterator[dict]:
-        coords = (self.seed, epoch, self.rank, worker)
+        coords = (self.seed, self.origin, epoch, self.rank, worker)
         samples = self._samples(epoch, num_workers, worker)
         if self.shuffle_buffer > 1:
             rng = np.random.default_rng(_seed(_SHUFFLE, *coords))
@@ -396,42 +460,69 @@ class BatchStream(IterableDataset):
             if index >= skip:  # skipped batches replay the order decisions but are never collated or masked
                 yield self._make_batch(batch, coords, index)
 
-    def _make_batch(self, batch: list[Sample], coords: tuple[int, int, int, int], index: int) -> dict:
+    def _make_batch(self, batch: list[Row], coords: tuple[int, ...], index: int) -> dict:
         input_ids, attention_mask = collate(
-            [ids for _, ids in batch], pad_id=self.pad_id, multiple_of=self.pad_multiple
+            [ids for _, ids, _ in batch], pad_id=self.pad_id, multiple_of=self.pad_multiple
         )
         generator = torch.Generator().manual_seed(_seed(_MASKING, *coords, index))
         masked, labels = self.masker(input_ids, attention_mask, generator=generator)
-        keys = [sample[0] for sample in batch if not is_placeholder(sample)]
+        keys = [key for key, ids, _ in batch if len(ids)]
+        fillers = sum(sample_id < 0 for _, _, sample_id in batch)
         return {
             "input_ids": masked,
             "attention_mask": attention_mask,
             "labels": labels,
             "keys": keys,
-            "skipped": len(batch) - len(keys),
-            "epoch": coords[1],
+            "sample_ids": torch.tensor([sample_id for _, _, sample_id in batch], dtype=torch.int64),
+            "skipped": len(batch) - len(keys) - fillers,
+            "epoch": coords[2],
         }
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         loader_worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        per_epoch = self._worker_batches(num_workers)
-        epochs = math.inf if self.max_epochs is None else max(self.max_epochs - self.start_epoch, 0)
-        skips, rotation = resume_plan(self.skip_batches, [count * epochs if count else 0 for count in per_epoch])
+        fresh = self._worker_batches(num_workers)
+        last_partial = max(self.consumed, default=self.start_epoch - 1)
+
+        def counts(epoch: int) -> list[int]:
+            return self._worker_batches(num_workers, epoch) if epoch in self.consumed else fresh
+
+        partial = range(self.start_epoch, last_partial + 1)
+        if self.max_epochs is None:
+            totals = [math.inf if fresh[w] else sum(counts(e)[w] for e in partial) for w in range(num_workers)]
+        else:
+            epochs = range(self.start_epoch, self.max_epochs)
+            totals = [sum(counts(e)[w] for e in epochs) for w in range(num_workers)]
+        skips, rotation = resume_plan(self.skip_batches, totals)
         worker = (loader_worker + rotation) % num_workers
-        if per_epoch[worker] == 0:
-            return
-        skipped_epochs, skip = divmod(skips[worker], per_epoch[worker])
-        epoch = self.start_epoch + skipped_epochs
+        epoch, skip = self.start_epoch, skips[worker]
         while self.max_epochs is None or epoch < self.max_epochs:
-            yield from self._epoch(epoch, num_workers, worker, skip=skip)
-            epoch, skip = epoch + 1, 0
+            if epoch > last_partial and fresh[worker] == 0:
+                return
+            count = counts(epoch)[worker]
+            if epoch > last_partial and skip >= count:  # whole fresh epochs skipped arithmetically
+                epoch, skip = epoch + skip // count, skip % count
+                continue
+            if skip < count:
+                yield from self._epoch(epoch, num_workers, worker, skip=skip)
+            epoch, skip = epoch + 1, max(skip - count, 0)
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM / SIGUSR1 to the trainer, which checkpoints before it stops them."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+
+
+def close_loader(batches: Iterator[dict]) -> None:
+    """Stop the workers of a DataLoader iterator now, not at interpreter exit.
+
+    They ignore SIGTERM (see _ignore_stop_signals), so the terminate() that multiprocessing sends its children at
+    exit would not stop them and its join would wait forever: a run that ends in an exception must close them.
+    """
+    shutdown = getattr(batches, "_shutdown_workers", None)  # a single-process iterator has no workers
+    if shutdown is not None:
+        shutdown()
 
 
 def make_loader(
