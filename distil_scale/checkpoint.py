@@ -233,11 +233,29 @@ def prune(save_dir: str, *, keep_last: int) -> None:
 
 
 def resolve(save_dir: str, resume: str) -> tuple[str, str] | None:
-    """Map `train.resume` to (save_dir, tag) or None for a fresh start."""
+    """Collective: map `train.resume` to (save_dir, tag), or None for a fresh start.
+
+    Rank 0 chooses and broadcasts, so every rank loads the same tag even where a shared filesystem shows the
+    nodes different views for a moment (a tag completed just before a crash, say).
+    """
+    choice: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            choice[0] = ("ok", _resolve(save_dir, resume))
+        except ConfigError as exc:
+            choice[0] = ("error", str(exc))
+    dist.broadcast_object_list(choice, src=0)
+    outcome, value = choice[0]
+    if outcome == "error":
+        raise ConfigError(value)
+    return None if value is None else tuple(value)
+
+
+def _resolve(save_dir: str, resume: str) -> tuple[str, str] | None:
     if resume == "never":
         return None
     if resume == "auto":
-        tag = latest_tag(save_dir, warn=dist.get_rank() == 0)
+        tag = latest_tag(save_dir, warn=True)
         return (save_dir, tag) if tag else None
     path = os.path.normpath(resume)
     if _TAG.match(os.path.basename(path)) and os.path.exists(os.path.join(path, COMPLETE)):
@@ -347,8 +365,8 @@ def load_data(save_dir: str, tag: str, state: dict, *, num_samples: int) -> tupl
     if position.num_samples != num_samples:
         raise ConfigError(
             f"data.shards: checkpoint {tag_dir} was trained on a train split of {position.num_samples} samples, "
-            f"the configured one has {num_samples}; resume with the data it was trained on, or start a new "
-            f"run.output_dir"
+            f"the configured one has {num_samples}; resume with the data it was trained on, or start afresh "
+            f"(a new run.output_dir, or train.resume=never)"
         )
     started = DataPosition.load(os.path.join(tag_dir, "data_origin.npz"))
     return DataOrigin(state["data_origin"]["step"], state["data_origin"]["plan"], started), position

@@ -312,6 +312,10 @@ def validate(cfg: Config) -> None:
             f"train.sequences_per_step: {cfg.train.sequences_per_step} is not a multiple of "
             f"train.micro_batch_size {cfg.train.micro_batch_size}"
         )
+    if cfg.data.tokenizer_vocab_size <= 5:  # the five special tokens need room for at least one more
+        raise ConfigError(f"data.tokenizer_vocab_size: must be > 5, got {cfg.data.tokenizer_vocab_size}")
+    if cfg.data.url_template is not None and "{name}" not in cfg.data.url_template:
+        raise ConfigError(f"data.url_template: {cfg.data.url_template!r} must contain {{name}}")
     if not cfg.run.output_dir:
         raise ConfigError("run.output_dir: must not be empty")
     if not cfg.data.shards:

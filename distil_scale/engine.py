@@ -36,10 +36,13 @@ def select_accelerator() -> None:
 
 
 def init_distributed() -> Placement:
-    """Join (or create) the process group; works under deepspeed, torchrun, srun and plain python."""
+    """Join (or create) the process group; works under deepspeed, torchrun, srun and plain python (one process)."""
     select_accelerator()
     import deepspeed
 
+    from distil_scale.launch_env import apply_launch_env
+
+    apply_launch_env()  # a task srun started directly: RANK & co. from SLURM's variables
     for key, default in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, default)
     if "MASTER_PORT" not in os.environ:

@@ -339,3 +339,45 @@ def test_elastic_resume_2_then_1_then_2_ranks_trains_every_sample_once_per_epoch
     )
     adam = optim["optimizer_state_dict"]["base_optimizer_state"]["state"]
     assert {int(s["step"]) for s in adam.values()} == {30}
+
+
+def _kill_during_a_save(out, inputs, *overrides: str) -> str | None:
+    """Run with a checkpoint every step and SIGKILL everything the moment a checkpoint directory (past step 2, so
+    that complete ones exist) has files but no COMPLETE marker; returns that tag if the kill landed before the
+    marker, None if the save won the race."""
+    out.mkdir(exist_ok=True)
+    checkpoints = out / "checkpoints"
+    proc = subprocess.Popen(
+        _command(out, inputs, *overrides), cwd=str(out.parent), env=ENV, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline, caught = time.monotonic() + 600, None
+    while caught is None and proc.poll() is None and time.monotonic() < deadline:
+        tags = sorted(t for t in os.listdir(checkpoints) if t.startswith("step")) if checkpoints.exists() else []
+        newest = checkpoints / tags[-1] if tags else None
+        if newest and int(tags[-1][4:]) > 2 and any(newest.iterdir()) and not (newest / "COMPLETE").exists():
+            caught = tags[-1]
+        else:
+            time.sleep(0.001)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return caught if caught and not (checkpoints / caught / "COMPLETE").exists() else None
+
+
+def test_sigkill_during_a_save_leaves_a_resumable_run(tmp_path):
+    """Killed while the ranks are writing a checkpoint: resume passes over the partial one and finishes the run."""
+    inputs, out = tmp_path / "inputs", tmp_path / "run"
+    common = ["--train.max_steps=20", "--checkpoint.every_steps=1", "--checkpoint.keep_last=2", "--train.zero_stage=2"]
+    partial = None
+    for _ in range(3):  # a save takes tens of milliseconds: the kill can miss the window, then it tries again
+        partial = _kill_during_a_save(out, inputs, *common)
+        if partial:
+            break
+    assert partial, "never caught a save in progress"
+    completed = int(partial[4:]) - 1
+    assert (out / "checkpoints" / f"step{completed:08d}" / "COMPLETE").exists()
+    resumed = _launch(out, inputs, *common)
+    assert f"step{completed:08d}" in resumed.stdout and "ignoring incomplete checkpoint" in resumed.stderr
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 21))
+    assert (out / "export" / "model.safetensors").exists()

@@ -333,14 +333,19 @@ def prepare(
     _check_args(inputs, max_seq_length, samples_per_shard, heldout_fraction)
     tok = load_tokenizer(tokenizer_dir)
     os.makedirs(out_dir, exist_ok=True)
-    _clear_previous(out_dir)
     cache_dir = os.path.join(out_dir, ".prepare-cache")
     shutil.rmtree(cache_dir, ignore_errors=True)
     bars_were_on = datasets.is_progress_bar_enabled()
     if not progress:
         datasets.disable_progress_bars()
     try:
-        texts = load_texts(inputs, text_field=text_field, cache_dir=cache_dir)
+        try:
+            texts = load_texts(inputs, text_field=text_field, cache_dir=cache_dir)
+        except BaseException:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            raise
+        # Only once the inputs are readable: a rejected input leaves an existing dataset in `out_dir` as it was.
+        _clear_previous(out_dir)
         seqs = _tokenize(
             texts,
             tok,
