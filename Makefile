@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export DS_ACCELERATOR ?= cpu
+# DeepSpeed's compiled ops live with this environment, not in a cache that other checkouts share (and lock).
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: venv demo test lint format clean
 
@@ -13,6 +15,9 @@ $(BIN)/distil-scale: setup.py
 	$(BIN)/pip install -q torch==2.13.0
 	# DeepSpeed ships as an sdist that imports torch while building: build it against the torch above.
 	$(BIN)/pip install -q --no-build-isolation -e ".[test]"
+	# DeepSpeed compiles its CPU communication op on first use (about a minute): once here, not inside a test
+	# whose timeout could kill the compiler and leave its lock file behind.
+	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 venv: $(BIN)/distil-scale

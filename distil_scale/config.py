@@ -155,6 +155,8 @@ class LogConfig:
     every_steps: int = 10
     # Write TensorBoard events under <output_dir>/tensorboard.
     tensorboard: bool = True
+    # Dense peak TFLOP/s of one accelerator in the compute dtype, for MFU; null looks it up (H100/H200/A100/L40S/...).
+    peak_tflops: float | None = None
 
 
 @dataclass

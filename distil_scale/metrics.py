@@ -69,6 +69,8 @@ class ProgressSink:
             f"mlm {row['mlm']:7.4f} | cos {row['cos']:6.4f} | lr {row['lr']:.2e} | gnorm {row['grad_norm']:7.3f} | "
             f"{format_count(row['tokens_per_s'])} tok/s | eta {format_duration(eta)}"
         )
+        if row.get("mfu") is not None:
+            line += f" | {row['model_tflops']:.1f} TFLOP/s/gpu, MFU {row['mfu']:.1%}"
         print(line, file=self.stream, flush=True)
 
     def close(self) -> None:

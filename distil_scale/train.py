@@ -18,7 +18,8 @@ from distil_scale import checkpoint
 from distil_scale.config import Config, save_config
 from distil_scale.data.position import DataOrigin, DataPosition
 from distil_scale.data.stream import close_loader
-from distil_scale.engine import Placement, build_engine, init_distributed
+from distil_scale.engine import Placement, build_engine, init_distributed, resolve_dtype
+from distil_scale.flops import forward_flops, peak_flops
 from distil_scale.inputs import build_models, ensure_inputs, make_batches, tokenizer_dir
 from distil_scale.losses import LossTerms, fused_triple_loss, head_loss, triple_loss
 from distil_scale.metrics import AuditLog, Clock, open_sinks
@@ -117,6 +118,7 @@ def _fused_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
 
 # What micro_step returns and the loop sums per log interval (and all-reduces there).
 _TOTAL, _KD, _MLM, _COS, _TOKENS, _GOOD, _SKIPPED = range(7)
+_FLOPS = _SKIPPED + 1  # model FLOPs of the interval (see distil_scale.flops), counted on the host
 
 
 def _zero_backward(engine, ids: torch.Tensor) -> None:
@@ -153,10 +155,22 @@ def micro_step(engine, teacher, batch: dict, cfg: Config, *, skipped: int = 0) -
     return torch.cat([parts, mask.sum().float().reshape(1), counts]), good
 
 
-def _log_row(sums: torch.Tensor, *, micro_batches: int, state: dict, engine, lr: float, clock: Clock, span_s: float):
+def _log_row(
+    sums: torch.Tensor,
+    *,
+    micro_batches: int,
+    state: dict,
+    engine,
+    lr: float,
+    clock: Clock,
+    span_s: float,
+    peak_flops: float | None,
+):
     """Reduce the interval's sums over ranks: the loop's only device sync besides the per-micro-batch check."""
     dist.all_reduce(sums)
     values = sums.tolist()
+    world = dist.get_world_size()
+    flops_per_gpu = values[_FLOPS] / world / max(span_s, 1e-9)
     n = values[_GOOD] or float("nan")  # no finite micro-batch in the interval: the losses are unknown, not 0
     grad_norm = engine.get_global_grad_norm()
     return {
@@ -174,8 +188,23 @@ def _log_row(sums: torch.Tensor, *, micro_batches: int, state: dict, engine, lr:
         "samples_per_s": micro_batches * engine.train_micro_batch_size_per_gpu() * dist.get_world_size() / span_s,
         "nonfinite_micro_batches": int(micro_batches * dist.get_world_size() - values[_GOOD]),
         "skipped_samples": int(values[_SKIPPED]),
+        "model_tflops": flops_per_gpu / 1e12,  # per accelerator
+        "mfu": None if peak_flops is None else flops_per_gpu / peak_flops,
         "elapsed_s": clock.elapsed(),
     }
+
+
+def _flop_counter(teacher, student_config):
+    """Model FLOPs of one micro-batch of shape (B, L): teacher forward + student forward and backward."""
+    teacher_config = None if teacher is None else teacher.config
+
+    def count(batch: int, length: int) -> float:
+        total = 3 * forward_flops(student_config, batch * length, length)
+        if teacher_config is not None:
+            total += forward_flops(teacher_config, batch * length, length)
+        return float(total)
+
+    return count
 
 
 def _weights_finite(engine, group) -> bool:
@@ -193,7 +222,7 @@ class Diverged(RuntimeError):
 def _announce(cfg: Config, placement: Placement, engine, accum: int, resumed: tuple | None) -> None:
     if not placement.is_main:
         return
-    n_params = sum(p.numel() for p in engine.module.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size
     where = f"resuming from {os.path.join(*resumed)}" if resumed else "starting fresh"
     print(
         f"distil-scale: {placement.world_size} rank(s) on {placement.device.type} | ZeRO {cfg.train.zero_stage} | "
@@ -285,7 +314,12 @@ def train(cfg: Config) -> dict:
         )
     clock, start_step = Clock(state["elapsed_s"]), state["step"]
     row = {}
-    sums = torch.zeros(_SKIPPED + 1, device=placement.device)
+    sums = torch.zeros(_FLOPS + 1, device=placement.device)
+    count_flops, span_flops = _flop_counter(teacher, engine.module.config), 0.0
+    peak = None
+    if placement.device.type == "cuda" or cfg.log.peak_tflops is not None:
+        override = None if cfg.log.peak_tflops is None else cfg.log.peak_tflops * 1e12
+        peak = peak_flops(resolve_dtype(cfg.train.precision, placement.device), override=override)
     span_start, span_micro = time.perf_counter(), 0
     signals = StopSignals()
     stop = nonfinite_run = 0
@@ -301,7 +335,8 @@ def train(cfg: Config) -> dict:
                 row_sums, good = micro_step(
                     engine, teacher, _to(batch, placement.device), cfg, skipped=batch.get("skipped", 0)
                 )
-                sums += row_sums
+                sums[:_FLOPS] += row_sums
+                span_flops += count_flops(*batch["input_ids"].shape)
                 bad_step |= not good
                 state["epoch"] = batch["epoch"]
                 position.mark(batch["epoch"], batch["sample_ids"])
@@ -317,6 +352,7 @@ def train(cfg: Config) -> dict:
             last = step == cfg.train.max_steps or stop or nonfinite_run >= cfg.train.max_nonfinite_steps
             if step % cfg.log.every_steps == 0 or last:
                 tokens_before = state["tokens"]
+                sums[_FLOPS] = span_flops
                 row = _log_row(
                     sums,
                     micro_batches=span_micro,
@@ -325,13 +361,14 @@ def train(cfg: Config) -> dict:
                     lr=lr,
                     clock=clock,
                     span_s=time.perf_counter() - span_start,
+                    peak_flops=peak,
                 )
                 state["tokens"] = tokens_before + int(sums[_TOKENS].item())
                 row["tokens"], row["steps_this_run"] = state["tokens"], step - start_step
                 if sink is not None:
                     sink.write(row)
                 sums.zero_()
-                span_start, span_micro = time.perf_counter(), 0
+                span_start, span_micro, span_flops = time.perf_counter(), 0, 0.0
             if nonfinite_run >= cfg.train.max_nonfinite_steps:
                 break
             if (step % cfg.checkpoint.every_steps == 0 or last) and not bad_step:
