@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import csv
 import gc
 import io
 import math
 import os
-import platform
 import pstats
 import resource
 import shlex
@@ -44,36 +42,21 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from distil_scale import flops
 from distil_scale.config import Config, DataConfig
+from kernels.bench import cell, log, machine, write_csv
 
 TARGET_TOKENS_PER_CORE_S = 1e6
 _DATA = DataConfig()
 
 
-def machine() -> str:
-    """One line: the CPU model and the cores this process may use, the GPU if any, the torch version."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
-    return f"CPU {cpu} ({len(os.sched_getaffinity(0))} cores); GPU {gpu}; torch {torch.__version__}"
-
-
 def _header(subcommand: str, argv: list[str]) -> None:
     print(f"command: python -m distil_scale.bench {subcommand} {shlex.join(argv)}".rstrip())
     print(f"machine: {machine()}")
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -275,23 +258,23 @@ def run_data(args: argparse.Namespace) -> list[DataResult]:
     if args.data:
         datasets = [args.data]
         if args.seq_len:
-            _log("[bench] --data given: sequences are as long as that dataset's max_seq_length; --seq-len ignored")
+            log("[bench] --data given: sequences are as long as that dataset's max_seq_length; --seq-len ignored")
     else:
         if args.workdir is None:
             tmp = tempfile.TemporaryDirectory(prefix="distil-bench-")
         workdir = args.workdir or tmp.name
         datasets = []
         for seq_len in args.seq_len or [128, 512]:
-            _log(f"[bench] preparing the synthetic dataset at seq_len {seq_len} under {workdir}")
+            log(f"[bench] preparing the synthetic dataset at seq_len {seq_len} under {workdir}")
             datasets.append(prepare_dataset(workdir, seq_len, docs=args.docs))
     results, profiles = [], []
     try:
         for data_dir in datasets:
             results.append(_run_stream(data_dir, args))
-            _log(f"[bench] {format_data_table(results[-1:]).splitlines()[-1]}")
+            log(f"[bench] {format_data_table(results[-1:]).splitlines()[-1]}")
             for workers in args.workers:
                 results.append(_run_loader(data_dir, args, workers))
-                _log(f"[bench] {format_data_table(results[-1:]).splitlines()[-1]}")
+                log(f"[bench] {format_data_table(results[-1:]).splitlines()[-1]}")
             if args.profile:
                 profiles.append((results[-1 - len(args.workers)].seq_len, profile_stream(data_dir, args)))
     finally:
@@ -457,10 +440,6 @@ def run_step_case(models, impl: str, batch_size: int, seq_len: int, args, device
     return res
 
 
-def _fmt(value: float, spec: str) -> str:
-    return "n/a" if math.isnan(value) else format(value, spec)
-
-
 def format_step_table(results: list[StepResult]) -> str:
     head = (
         f"{'impl':<7}{'micro-batch':>12}{'seq':>6} {'dtype':<9}{'status':<7}{'step ms':>10}{'tokens/s':>11}"
@@ -469,21 +448,11 @@ def format_step_table(results: list[StepResult]) -> str:
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(
-            f"{r.impl:<7}{r.micro_batch_size:>12}{r.seq_len:>6} {r.dtype:<9}{r.status:<7}{_fmt(r.step_ms, '.1f'):>10}"
-            f"{_fmt(r.tokens_per_s, ',.0f'):>11}{_fmt(r.model_tflops, '.2f'):>9}{_fmt(r.mfu, '.1%'):>7}"
-            f"{_fmt(r.peak_mb, ',.0f'):>10}"
+            f"{r.impl:<7}{r.micro_batch_size:>12}{r.seq_len:>6} {r.dtype:<9}{r.status:<7}{cell(r.step_ms, '.1f'):>10}"
+            f"{cell(r.tokens_per_s, ',.0f'):>11}{cell(r.model_tflops, '.2f'):>9}{cell(r.mfu, '.1%'):>7}"
+            f"{cell(r.peak_mb, ',.0f'):>10}"
         )
     return "\n".join(lines)
-
-
-def write_step_csv(results: list[StepResult], path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(f"{path}.tmp", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(StepResult)])
-        writer.writeheader()
-        for r in results:
-            writer.writerow(asdict(r))
-    os.replace(f"{path}.tmp", path)
 
 
 def run_step(args: argparse.Namespace) -> list[StepResult]:
@@ -504,7 +473,7 @@ def run_step(args: argparse.Namespace) -> list[StepResult]:
             size = sizes.pop(0)
             res = run_step_case(models, impl, size, seq_len, args, device)
             results.append(res)
-            _log(f"[bench] {format_step_table(results[-1:]).splitlines()[-1]}")
+            log(f"[bench] {format_step_table(results[-1:]).splitlines()[-1]}")
             if search and res.status == "ok" and size * 2 <= args.max_micro_batch_size:
                 sizes.append(size * 2)
     teacher, student, _ = models
@@ -521,7 +490,7 @@ def run_step(args: argparse.Namespace) -> list[StepResult]:
     )
     if args.out:
         path = os.path.join(args.out, f"step-{args.tag or device.type}.csv")
-        write_step_csv(results, path)
+        write_csv(results, path)
         print(f"wrote {path}")
     return results
 

@@ -332,9 +332,9 @@ def _convert_to_universal(tag_dir: str, target: str) -> None:
     os.replace(tmp, target)
 
 
-def load(engine, save_dir: str, tag: str, *, universal: bool = False, restore_rng: bool = True) -> dict:
-    """Restore engine (weights, optimizer, scheduler) and, with `restore_rng`, this rank's RNG; returns our
-    training state. `universal`: load `<tag>/universal` (see prepare_load)."""
+def load(engine, save_dir: str, tag: str, *, universal: bool = False, restore_rng: bool = True) -> None:
+    """Restore engine (weights, optimizer, scheduler) and, with `restore_rng`, this rank's RNG (our training
+    state is `training_state`). `universal`: load `<tag>/universal` (see prepare_load)."""
     if universal:
         weight_decay = [group["weight_decay"] for group in engine.optimizer.param_groups]
         engine.load_checkpoint(os.path.join(save_dir, tag), tag=UNIVERSAL)
@@ -343,7 +343,6 @@ def load(engine, save_dir: str, tag: str, *, universal: bool = False, restore_rn
         engine.load_checkpoint(save_dir, tag=tag)
     if restore_rng:
         set_rng_state(torch.load(os.path.join(save_dir, tag, f"rng_rank{dist.get_rank()}.pt"), weights_only=False))
-    return training_state(save_dir, tag)
 
 
 def _repair_universal_load(engine, weight_decay: list[float]) -> None:

@@ -284,8 +284,9 @@ def train(cfg: Config) -> dict:
     origin = DataOrigin(0, plan, position.copy())
     if resumed:
         same_world = saved["world_size"] == placement.world_size
-        state = checkpoint.load(engine, *resumed, universal=universal, restore_rng=same_world)
-        if not same_world:
+        checkpoint.load(engine, *resumed, universal=universal, restore_rng=same_world)
+        state = saved
+        if not same_world:  # the saved RNG states belong to other ranks: a fresh stream per (step, rank)
             torch.manual_seed(cfg.run.seed + 1 + placement.rank + state["step"] * 7919)
         origin, position = checkpoint.load_data(*resumed, state, num_samples=position.num_samples)
         if origin.plan != plan:

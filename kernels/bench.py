@@ -494,27 +494,28 @@ def gemm_ms(rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torc
 
 
 def machine() -> str:
-    """One line: the processor or GPU, the torch and triton versions, the date."""
-    if torch.cuda.is_available():
-        what = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
-    else:
-        model = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-        except (OSError, StopIteration):
-            pass
-        what = f"{model}, {len(os.sched_getaffinity(0))} cores"
+    """One line: the CPU model and the cores this process may use, the GPU if any, torch and triton, the date."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "none"
     try:
         import triton
 
         triton_version = triton.__version__
     except Exception:
         triton_version = "not importable"
-    return f"{what}; torch {torch.__version__}, triton {triton_version}; {datetime.date.today().isoformat()}"
+    return (
+        f"CPU {cpu} ({len(os.sched_getaffinity(0))} cores); GPU {gpu}; torch {torch.__version__}, "
+        f"triton {triton_version}; {datetime.date.today().isoformat()}"
+    )
 
 
-def _fmt(value: float, spec: str) -> str:
+def cell(value: float, spec: str) -> str:
+    """A table cell: `value` formatted by `spec`, or "-" for NaN (not measured)."""
     return "-" if math.isnan(value) else format(value, spec)
 
 
@@ -530,10 +531,10 @@ def format_table(results: list[Result]) -> str:
             lines.append(f"{r.impl:<12}{r.rows:>7} {r.dtype:<6}{r.status:>10}")
             continue
         lines.append(
-            f"{r.impl:<12}{r.rows:>7} {r.dtype:<6}{_fmt(r.fwd_ms, '.1f'):>10}{_fmt(r.bwd_ms, '.1f'):>10}"
-            f"{_fmt(r.full_ms, '.1f'):>10}{_fmt(r.peak_mb, '.0f'):>10}{_fmt(r.speedup_vs_eager, '.2f'):>9}"
-            f"{_fmt(r.mem_vs_eager, '.2f'):>10}{_fmt(r.kd_rel_err, '.1e'):>12}{_fmt(r.mlm_rel_err, '.1e'):>12}"
-            f"{_fmt(r.grad_rel_err, '.1e'):>13}"
+            f"{r.impl:<12}{r.rows:>7} {r.dtype:<6}{cell(r.fwd_ms, '.1f'):>10}{cell(r.bwd_ms, '.1f'):>10}"
+            f"{cell(r.full_ms, '.1f'):>10}{cell(r.peak_mb, '.0f'):>10}{cell(r.speedup_vs_eager, '.2f'):>9}"
+            f"{cell(r.mem_vs_eager, '.2f'):>10}{cell(r.kd_rel_err, '.1e'):>12}{cell(r.mlm_rel_err, '.1e'):>12}"
+            f"{cell(r.grad_rel_err, '.1e'):>13}"
         )
     return "\n".join(lines)
 
@@ -545,10 +546,10 @@ def _write_atomic(path: str, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def write_csv(results: list[Result], path: str) -> None:
-    """All result fields, one row per case."""
+def write_csv(results: list, path: str) -> None:
+    """All fields of the result dataclasses, one row each, written atomically."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(Result)])
+    writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(results[0])])
     writer.writeheader()
     for r in results:
         writer.writerow(asdict(r))
@@ -592,7 +593,8 @@ def write_png(results: list[Result], path: str, title: str) -> bool:
     return True
 
 
-def _log(msg: str) -> None:
+def log(msg: str) -> None:
+    """Progress on stderr, so that stdout holds only the tables."""
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -613,7 +615,7 @@ def run_all(args: argparse.Namespace, device: torch.device) -> tuple[list[Result
         reason = unavailable(impl, device)
         if reason:
             notes.append(f"{impl}: skipped, {reason}")
-            _log(notes[-1])
+            log(notes[-1])
         else:
             runnable.append(impl)
     results: list[Result] = []
@@ -641,16 +643,16 @@ def run_all(args: argparse.Namespace, device: torch.device) -> tuple[list[Result
                     res = _run_subprocess(case) if device.type == "cpu" else run_case(case, device)
                     if res.status == "skipped":  # torch.compile does not work here: no point retrying
                         notes.append(f"{impl}: skipped, {res.note}")
-                        _log(notes[-1])
+                        log(notes[-1])
                         runnable.remove(impl)
                         continue
                     res.floor_ms = floor
                     group.append(res)
                     if res.note:
                         notes.append(f"{impl} ({rows} rows {dtype}): {res.note}")
-                    _log(
-                        f"[bench] {impl:<11} rows={rows} {dtype}: {res.status}, full {_fmt(res.full_ms, '.1f')} ms, "
-                        f"peak {_fmt(res.peak_mb, '.0f')} MB ({time.perf_counter() - start:.0f} s)"
+                    log(
+                        f"[bench] {impl:<11} rows={rows} {dtype}: {res.status}, full {cell(res.full_ms, '.1f')} ms, "
+                        f"peak {cell(res.peak_mb, '.0f')} MB ({time.perf_counter() - start:.0f} s)"
                     )
                 eager = next((r for r in group if r.impl == "eager" and r.status == "ok"), None)
                 for r in group:
@@ -691,7 +693,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--repeats must be >= 1 and --warmup >= 0")
     tag = args.tag or device.type
     about = machine()
-    _log(f"[bench] {about}")
+    log(f"[bench] {about}")
     results, notes = run_all(args, device)
 
     print(

@@ -116,7 +116,7 @@ def placeholder(key: str) -> Sample:
     return f"<{key}>", np.zeros(0, dtype=np.int32)
 
 
-def is_placeholder(sample: Sample) -> bool:
+def is_placeholder(sample: Sample | Row) -> bool:
     """Whether `sample` stands in for one that could not be read: real samples are never empty."""
     return len(sample[1]) == 0
 
@@ -466,7 +466,7 @@ class BatchStream(IterableDataset):
         )
         generator = torch.Generator().manual_seed(_seed(_MASKING, *coords, index))
         masked, labels = self.masker(input_ids, attention_mask, generator=generator)
-        keys = [key for key, ids, _ in batch if len(ids)]
+        keys = [row[0] for row in batch if not is_placeholder(row)]
         fillers = sum(sample_id < 0 for _, _, sample_id in batch)
         return {
             "input_ids": masked,
