@@ -220,7 +220,8 @@ def _run_loader(data_dir: str, args: argparse.Namespace, workers: int) -> DataRe
     batches = iter(make_loader(stream, num_workers=workers, prefetch_factor=_DATA.prefetch_factor))
     try:
         unit = args.group_batches * max(workers, 1)  # the loader takes batches from its workers in turn
-        pids = lambda: [w.pid for w in getattr(batches, "_workers", [])]  # noqa: E731
+        workers_of = getattr(batches, "loader_iter", batches)  # the DataLoader's own iterator holds the workers
+        pids = lambda: [w.pid for w in getattr(workers_of, "_workers", [])]  # noqa: E731
         _measure(res, batches, pids, warmup=unit, unit=unit, seconds=args.seconds, count=args.batches)
     finally:
         close_loader(batches)

@@ -73,6 +73,12 @@ class TeacherConfig:
     # A Hugging Face config.json: when `path` does not exist, a randomly initialised teacher of this
     # architecture is saved there first (smoke runs only; a real run points `path` at a trained model).
     init_config: str | None = None
+    # Run the teacher as a ZeRO-3 inference engine whose weights are partitioned over the ranks (each layer is
+    # gathered when it runs) instead of a full copy per rank: for teachers that do not fit one accelerator.
+    partition: bool = False
+    # With `partition`: keep the teacher's partitions in CPU memory and fetch each layer when it runs
+    # (slower; for teachers bigger than the accelerators' memory together).
+    offload: bool = False
 
 
 @dataclass
@@ -137,6 +143,9 @@ class TrainConfig:
     # Stop the run after this many optimizer steps in a row with a non-finite loss (each such micro-batch is
     # left out of its step, and no checkpoint is written while it lasts).
     max_nonfinite_steps: int = 3
+    # Recompute the student's transformer layers in backward instead of keeping their activations: about one
+    # more student forward per step for much less activation memory (larger micro-batches).
+    activation_checkpointing: bool = False
 
 
 @dataclass
@@ -318,6 +327,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer_vocab_size: must be > 5, got {cfg.data.tokenizer_vocab_size}")
     if cfg.data.url_template is not None and "{name}" not in cfg.data.url_template:
         raise ConfigError(f"data.url_template: {cfg.data.url_template!r} must contain {{name}}")
+    if cfg.teacher.offload and not cfg.teacher.partition:
+        raise ConfigError("teacher.offload: offloading needs a partitioned teacher (set teacher.partition: true)")
     if not cfg.run.output_dir:
         raise ConfigError("run.output_dir: must not be empty")
     if not cfg.data.shards:

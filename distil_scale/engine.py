@@ -128,6 +128,74 @@ def deepspeed_config(cfg: Config, *, world_size: int, device: torch.device) -> d
     return _merge(ds, copy.deepcopy(cfg.deepspeed))
 
 
+def teacher_deepspeed_config(cfg: Config, *, world_size: int, dtype: torch.dtype) -> dict:
+    """The DeepSpeed config of a partitioned teacher: ZeRO-3 inference (no optimizer), optionally CPU-offloaded.
+
+    The batch keys only satisfy DeepSpeed's checks (the teacher never steps); the `deepspeed:` passthrough is
+    the student's and does not apply here.
+    """
+    zero: dict = {"stage": 3}
+    if cfg.teacher.offload:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_batch_size": cfg.train.sequences_per_step,
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation_steps(cfg, world_size),
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def partition_teacher(teacher: torch.nn.Module, cfg: Config, placement: Placement):
+    """The teacher as a ZeRO-3 inference engine: each rank keeps 1/world of every weight (on the accelerator, or
+    in CPU memory with `teacher.offload`) and gathers a layer's weights only while the layer runs.
+
+    `teacher` is the full model loaded on the CPU (the student was initialised from it). A same-architecture
+    shell is built under zero.Init, so no device ever holds the whole teacher, then filled one parameter at a
+    time from rank 0's copy; every rank must call this, and later call the engine equally often (each forward
+    gathers layer by layer over all ranks).
+    """
+    import deepspeed
+    from transformers import AutoModelForMaskedLM
+    from transformers.initialization import no_init_weights
+
+    dtype = next(teacher.parameters()).dtype
+    ds_config = teacher_deepspeed_config(cfg, world_size=placement.world_size, dtype=dtype)
+    # The partitions' dtype comes from the config's bf16 / fp16 flags: an explicit `dtype=` is ignored on
+    # accelerators without fp16 (DeepSpeed 0.19 then picks bf16, the CPU included). mem_efficient_linear would
+    # replace torch.nn.functional.linear process-wide, the student's included.
+    with deepspeed.zero.Init(
+        config_dict_or_path=ds_config, remote_device="cpu" if cfg.teacher.offload else None, mem_efficient_linear=False
+    ):
+        # No random init: it would index into empty partitions, and every weight is overwritten below anyway.
+        with no_init_weights():
+            shell = AutoModelForMaskedLM.from_config(teacher.config, dtype=dtype)
+        shell.tie_weights()  # init_weights, skipped above, is also what ties the projection to the embeddings
+    if next(shell.parameters()).dtype != dtype:
+        raise RuntimeError(f"the partitioned teacher was built in {next(shell.parameters()).dtype}, not {dtype}")
+    source = teacher.state_dict()
+    for name, param in shell.named_parameters():  # tied weights are listed once
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if placement.is_main:
+                param.data.copy_(source[name])
+    buffers = dict(teacher.named_buffers())
+    for name, buffer in shell.named_buffers():
+        buffer.data = buffers[name].to(placement.device)
+    shell.requires_grad_(False)
+    shell.eval()
+    engine, _, _, _ = deepspeed.initialize(model=shell, config=ds_config)
+    engine.eval()
+    return engine
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DeepSpeed engine (or the model itself)."""
+    return getattr(model, "module", model)
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: no decay on biases and LayerNorm weights (the recipe)."""
     decay, no_decay = [], []

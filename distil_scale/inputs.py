@@ -18,7 +18,7 @@ from distil_scale.data.corpus import write_synthetic_corpus
 from distil_scale.data.position import DataOrigin
 from distil_scale.data.shards import Manifest, prepare, read_manifest
 from distil_scale.data.tokenizer import load_tokenizer, train_wordpiece
-from distil_scale.engine import Placement, resolve_dtype
+from distil_scale.engine import Placement, partition_teacher, resolve_dtype
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 
@@ -112,8 +112,11 @@ def build_models(cfg: Config, placement: Placement):
     manifest = read_manifest(cfg.data.shards)
     teacher = None
     if cfg.needs_teacher:
+        # A teacher to be partitioned is read into CPU memory only: no device ever holds all of it.
         teacher = load_teacher(
-            cfg.teacher.path, dtype=resolve_dtype(cfg.teacher.dtype, placement.device), device=placement.device
+            cfg.teacher.path,
+            dtype=resolve_dtype(cfg.teacher.dtype, placement.device),
+            device="cpu" if cfg.teacher.partition else placement.device,
         )
     torch.manual_seed(cfg.run.seed)
     if cfg.student.arch_config:
@@ -128,8 +131,12 @@ def build_models(cfg: Config, placement: Placement):
         tokenizer_vocab=manifest.vocab_size,
         what=f"teacher {cfg.teacher.path} / data {cfg.data.shards}",
     )
+    if cfg.train.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not cfg.uses_teacher_outputs:
         teacher = None  # only its architecture and weights were needed: free it
+    elif cfg.teacher.partition:
+        teacher = partition_teacher(teacher, cfg, placement)
     return teacher, student.to(placement.device), manifest
 
 

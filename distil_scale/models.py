@@ -285,13 +285,14 @@ def _head_transform(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tenso
 def lm_head_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LMHeadInput:
     """Run the encoder and the MLM head up to, not including, the vocabulary projection.
 
-    Calls the submodules directly, so the (B, L, V) logits never exist. Under ZeRO-3 the returned weight
-    is a partitioned parameter: gather it before use.
+    The model's own forward runs with its projection replaced by the identity, so the (B, L, V) logits never
+    exist and a DeepSpeed engine's hooks run as in any forward. Under ZeRO-3 (a partitioned teacher) the
+    returned weight and bias are partitioned parameters again by the time this returns: gather them before use.
     """
-    inner = getattr(model, "module", model)  # a DeepSpeed engine keeps the model as .module
-    hidden = inner.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    projection = _vocab_projection(inner)
-    return LMHeadInput(_head_transform(inner, hidden), projection.weight, projection.bias, hidden)
+    with projection_replaced(model, lambda x, weight, bias: x):
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    projection = _vocab_projection(getattr(model, "module", model))
+    return LMHeadInput(out.logits, projection.weight, projection.bias, out.hidden_states[-1])
 
 
 @contextlib.contextmanager

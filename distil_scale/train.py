@@ -18,7 +18,7 @@ from distil_scale import checkpoint
 from distil_scale.config import Config, save_config
 from distil_scale.data.position import DataOrigin, DataPosition
 from distil_scale.data.stream import close_loader
-from distil_scale.engine import Placement, build_engine, init_distributed, resolve_dtype
+from distil_scale.engine import Placement, build_engine, init_distributed, resolve_dtype, unwrapped
 from distil_scale.flops import forward_flops, peak_flops
 from distil_scale.inputs import build_models, ensure_inputs, make_batches, tokenizer_dir
 from distil_scale.losses import LossTerms, fused_triple_loss, head_loss, triple_loss
@@ -103,7 +103,9 @@ def _fused_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
         alpha_mlm=loss.alpha_mlm,
         restrict_kd_to_mlm=loss.restrict_kd_to_mlm,
     )
-    with projection_replaced(engine, fn):
+    # A partitioned teacher's vocabulary projection is gathered for the student's forward, where the fused loss
+    # uses it (the fused backward does not).
+    with _gathered(t_head), projection_replaced(engine, fn):
         out = engine(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     return fused_triple_loss(
         out.logits,
@@ -114,6 +116,14 @@ def _fused_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
         alpha_mlm=loss.alpha_mlm,
         alpha_cos=loss.alpha_cos,
     )
+
+
+def _gathered(head):
+    """Gathers a ZeRO-3 teacher's head weights for the block (nothing to do for a replicated teacher)."""
+    import deepspeed
+
+    params = [] if head is None else [p for p in (head.weight, head.bias) if hasattr(p, "ds_id")]
+    return deepspeed.zero.GatheredParameters(params, enabled=bool(params))
 
 
 # What micro_step returns and the loop sums per log interval (and all-reduces there).
@@ -196,7 +206,7 @@ def _log_row(
 
 def _flop_counter(teacher, student_config):
     """Model FLOPs of one micro-batch of shape (B, L): teacher forward + student forward and backward."""
-    teacher_config = None if teacher is None else teacher.config
+    teacher_config = None if teacher is None else unwrapped(teacher).config
 
     def count(batch: int, length: int) -> float:
         total = 3 * forward_flops(student_config, batch * length, length)
@@ -224,10 +234,15 @@ def _announce(cfg: Config, placement: Placement, engine, accum: int, resumed: tu
         return
     n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size
     where = f"resuming from {os.path.join(*resumed)}" if resumed else "starting fresh"
+    extras = []
+    if cfg.train.activation_checkpointing:
+        extras.append("activation checkpointing")
+    if cfg.teacher.partition and cfg.uses_teacher_outputs:
+        extras.append("teacher partitioned (ZeRO-3" + (", offloaded to CPU)" if cfg.teacher.offload else ")"))
     print(
         f"distil-scale: {placement.world_size} rank(s) on {placement.device.type} | ZeRO {cfg.train.zero_stage} | "
         f"{cfg.train.sequences_per_step} seq/step = {cfg.train.micro_batch_size} x {accum} accum x "
-        f"{placement.world_size} | {n_params / 1e6:.1f}M student params | {where}",
+        f"{placement.world_size} | {n_params / 1e6:.1f}M student params | {' | '.join([*extras, where])}",
         flush=True,
     )
 

@@ -7,6 +7,7 @@ exactly the destroyed ones, that `skipped` counts the rest, and that a warning n
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import pickle
@@ -374,3 +375,78 @@ def test_placeholder_rows_cost_nothing_in_the_loss():
         torch.testing.assert_close(a, b)
     none_loss, none_grads = loss_and_grads([empty] * 4)
     assert float(none_loss) == 0.0 and all(torch.isfinite(g).all() and not g.any() for g in none_grads)
+
+
+def _flip_name_byte(raw: bytes, members: list[_Member]) -> tuple[bytes, _Member]:
+    """The shard with one byte of the middle member's name changed and its header checksum left as it was."""
+    victim = members[len(members) // 2]
+    damaged = bytearray(raw)
+    damaged[victim.header] ^= 0x01
+    return bytes(damaged), victim
+
+
+def test_tar_reader_is_strict_and_says_where(manifest, tmp_path):
+    url = manifest.urls("train")[DAMAGED]
+    raw, members = open(url, "rb").read(), _members(url)
+    pristine = list(read_shard(url))
+    middle = len(members) // 2
+    cases = {}
+    cases["checksum"], victim = _flip_name_byte(raw, members)
+    cut = members[middle].header + 100  # inside a header
+    cases["cut header"] = raw[:cut]
+    buffer = io.BytesIO()  # a pax extended header (a name longer than ustar's 100 bytes) in the middle
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for index, member in enumerate(members):
+            _add(tar, "x" * 120 + ".ids.u16" if index == middle else member.name, member.data)
+    cases["pax"] = buffer.getvalue()
+    expected = {
+        "checksum": f"bad header checksum at byte {victim.header}",
+        "cut header": f"truncated header at byte {members[middle].header}",
+        "pax": "a pax/GNU extension that distil-scale shards never hold",
+    }
+    for name, data in cases.items():
+        path = tmp_path / f"{name.replace(' ', '-')}.tar"
+        path.write_bytes(data)
+        got, warned = _recorded(read_shard(str(path), start=0, stop=len(members), vocab_size=400))
+        assert [key for key, _ in got[:middle]] == [key for key, _ in pristine[:middle]]
+        assert all(is_placeholder(sample) for sample in got[middle:]) and len(got) == len(members)
+        assert len(warned) == 1 and f"unreadable after {middle} samples (ReadError: " in warned[0], warned
+        assert expected[name] in warned[0], (name, warned)
+
+
+def test_compressed_shards_read_like_plain_ones(manifest, tmp_path):
+    # Not what prepare writes, but a tar the standard library reads: it goes through tarfile instead.
+    url = manifest.urls("train")[DAMAGED]
+    path = tmp_path / "shard.tar.gz"
+    with open(url, "rb") as f_in, gzip.open(path, "wb") as f_out:
+        shutil.copyfileobj(f_in, f_out)
+    got, warned = _recorded(read_shard(str(path), start=3, stop=30, vocab_size=400))
+    want = list(read_shard(url, start=3, stop=30, vocab_size=400))
+    assert not warned and [key for key, _ in got] == [key for key, _ in want]
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(got, want, strict=True))
+
+
+def test_bad_samples_are_reported_in_shard_order(manifest, tmp_path):
+    # Ids outside the vocabulary are checked a block of samples at a time; the first one named must still be the
+    # first bad sample of the shard, and every sample keeps its place.
+    url = manifest.urls("train")[DAMAGED]
+    members = _members(url)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for index, member in enumerate(members):
+            if index == 5:
+                _add(tar, member.name, np.full(7, 999, dtype="<u2").tobytes())  # outside the 400-token vocabulary
+            elif index == 9:
+                _add(tar, f"{member.key}.txt", b"no ids here")
+            else:
+                _add(tar, member.name, member.data)
+    path = tmp_path / "shard.tar"
+    path.write_bytes(buffer.getvalue())
+    got, warned = _recorded(read_shard(str(path), start=0, stop=len(members), vocab_size=400))
+    assert [sample[0] for sample in got] == [
+        f"<{m.key}>" if index in (5, 9) else m.key for index, m in enumerate(members)
+    ]
+    assert warned == [
+        f"{path}: 2 unusable sample(s), the first: {members[5].key!r} has no valid ids entry (ids outside the "
+        f"vocabulary of 400); 2 of {len(members)} samples replaced by placeholders"
+    ]

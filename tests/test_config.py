@@ -125,3 +125,18 @@ def test_readme_documents_every_key_as_the_code_explains_it():
 
     with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
         assert explain() in f.read()
+
+
+def test_distilbert_base_config_is_the_recipe_on_8_and_64_gpus():
+    from transformers import BertConfig
+
+    from distil_scale.models import layer_map, student_config
+
+    cfg = load_config(os.path.join(ROOT, "configs", "distilbert-base.yaml"))
+    assert (cfg.loss.temperature, cfg.loss.alpha_kd, cfg.loss.alpha_mlm, cfg.loss.alpha_cos) == (2.0, 5.0, 2.0, 1.0)
+    assert (cfg.optim.peak_lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.grad_clip) == (5e-4, [0.9, 0.98], 1e-6, 5.0)
+    assert cfg.train.sequences_per_step == 4096 and cfg.data.max_seq_length == 512 and cfg.run.seed == 56
+    assert {world: accumulation_steps(cfg, world) for world in (8, 64)} == {8: 8, 64: 1}
+    student = student_config(BertConfig(), num_layers=cfg.student.num_layers)  # BertConfig() is BERT-base
+    assert (student.n_layers, student.dim, student.hidden_dim, student.n_heads) == (6, 768, 3072, 12)
+    assert layer_map(12, student.n_layers) == [0, 2, 4, 7, 9, 11]

@@ -28,6 +28,13 @@ def _command(out_dir, inputs, *overrides: str, num_procs: int = 2) -> list[str]:
         str(num_procs),
         "--master_port",
         str(_free_port()),
+        *_train_args(out_dir, inputs, *overrides),
+    ]
+
+
+def _train_args(out_dir, inputs, *overrides: str) -> list[str]:
+    """cluster/launch.py and its arguments: the debug config, shrunk, with its inputs made in `inputs`."""
+    return [
         os.path.join(ROOT, "cluster", "launch.py"),
         "--config",
         os.path.join(ROOT, "configs", "debug.yaml"),
@@ -381,3 +388,38 @@ def test_sigkill_during_a_save_leaves_a_resumable_run(tmp_path):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 21))
     assert (out / "export" / "model.safetensors").exists()
+
+
+def _rows(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_partitioned_teacher_and_activation_checkpointing_give_the_same_losses(tmp_path):
+    """A ZeRO-3 teacher (gathered layer by layer, or offloaded) computes what a replicated one does, and
+    recomputing the student's layers in backward changes no number: every loss term and gradient norm is equal."""
+    inputs = tmp_path / "inputs"
+    pairs = {  # run -> (its overrides, the run it must equal)
+        "replicated": (["--loss.impl=eager"], None),
+        "partitioned": (["--loss.impl=eager", "--teacher.partition=true"], "replicated"),
+        "checkpointed": (["--loss.impl=eager", "--train.activation_checkpointing=true"], "replicated"),
+        "replicated_fused": (["--loss.impl=fused", "--train.zero_stage=3"], None),
+        "offloaded_fused": (
+            ["--loss.impl=fused", "--train.zero_stage=3", "--teacher.partition=true", "--teacher.offload=true"],
+            "replicated_fused",
+        ),
+    }
+    starts = {}
+    for name, (overrides, _) in pairs.items():
+        proc = _launch(tmp_path / name, inputs, *overrides, "--train.max_steps=3", "--checkpoint.every_steps=100")
+        starts[name] = next(line for line in proc.stdout.splitlines() if "student params" in line)
+    assert "teacher partitioned (ZeRO-3)" in starts["partitioned"]
+    assert "teacher partitioned (ZeRO-3, offloaded to CPU)" in starts["offloaded_fused"]
+    assert "activation checkpointing" in starts["checkpointed"] and "partitioned" not in starts["replicated"]
+    for name, (_, reference) in pairs.items():
+        if reference is None:
+            continue
+        got, want = _rows(tmp_path / name), _rows(tmp_path / reference)
+        assert len(got) == len(want) == 3
+        for g, w in zip(got, want, strict=True):
+            for key in ("loss", "kd", "mlm", "cos", "grad_norm"):
+                assert g[key] == w[key], (name, g["step"], key)

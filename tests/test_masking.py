@@ -41,6 +41,68 @@ def test_collate_pads_to_a_multiple_of_eight():
     assert collate([np.arange(16)], pad_id=0, multiple_of=8)[0].shape == (1, 16)
 
 
+def _reference_collate(seqs: list[np.ndarray], *, pad_id: int, multiple_of: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """collate written row by row."""
+    width = -(-max([len(s) for s in seqs] + [1]) // multiple_of) * multiple_of
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(seqs), width), dtype=torch.int64)
+    for row, seq in enumerate(seqs):
+        ids[row, : len(seq)] = torch.from_numpy(seq.astype(np.int64))
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _reference_mask(masker: Masker, input_ids: torch.Tensor, attention_mask: torch.Tensor, generator):
+    """The masking recipe written with torch ops throughout: Masker must draw and pick exactly the same."""
+    flat_ids = input_ids.reshape(-1)
+    weights = torch.from_numpy(masker.weights)[flat_ids] * attention_mask.reshape(-1).float()
+    num_targets = min(math.ceil(masker.mlm_probability * int(attention_mask.sum())), int(torch.count_nonzero(weights)))
+    labels, masked = torch.full_like(flat_ids, -100), flat_ids.clone()
+    if num_targets:
+        arrival = torch.empty(weights.shape).exponential_(generator=generator).clamp_(min=torch.finfo().tiny)
+        picked = torch.topk(weights / arrival, num_targets, sorted=False).indices
+        labels[picked] = flat_ids[picked]
+        action = torch.rand(num_targets, generator=generator)
+        bound = masker.mask_fraction + masker.random_fraction
+        masked[picked[action < masker.mask_fraction]] = masker.mask_id
+        to_random = picked[(action >= masker.mask_fraction) & (action < bound)]
+        draws = torch.randint(len(masker.random_ids), (len(to_random),), generator=generator)
+        masked[to_random] = torch.from_numpy(masker.random_ids)[draws]
+    return masked.view_as(input_ids), labels.view_as(input_ids)
+
+
+def test_collate_and_masks_match_the_reference():
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        vocab = int(rng.choice([50, VOCAB, 70000]))
+        specials = sorted({int(i) for i in rng.integers(0, vocab, size=5)})
+        probs = rng.random(vocab) ** 3
+        probs[rng.integers(0, vocab, size=vocab // 10)] = 0.0
+        masker = Masker(
+            probs,
+            mask_id=specials[0],
+            vocab_size=vocab,
+            special_ids=specials,
+            mlm_probability=float(rng.choice([0.15, 0.5, 1.0])),
+        )
+        seqs = [
+            rng.integers(0, vocab, size=int(rng.choice([0, rng.integers(1, 150)]))).astype(
+                "<u2" if vocab < 2**16 and rng.random() < 0.5 else "<i4"
+            )
+            for _ in range(int(rng.integers(1, 24)))
+        ]
+        multiple_of = int(rng.choice([1, 8]))
+        ids, mask = collate(seqs, pad_id=0, multiple_of=multiple_of)
+        want_ids, want_mask = _reference_collate(seqs, pad_id=0, multiple_of=multiple_of)
+        assert ids.dtype == mask.dtype == torch.int64
+        torch.testing.assert_close((ids, mask), (want_ids, want_mask), rtol=0, atol=0)
+        seed = int(rng.integers(2**40))
+        got = masker(ids, mask, generator=torch.Generator().manual_seed(seed))
+        want = _reference_mask(masker, ids, mask, torch.Generator().manual_seed(seed))
+        assert all(g.dtype == torch.int64 and g.shape == ids.shape for g in got)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_masking_statistics_follow_the_recipe():
     masker = Masker(_zipf_probs(), mask_id=MASK_ID, vocab_size=VOCAB, special_ids=SPECIALS)
     rng, generator = np.random.default_rng(0), torch.Generator().manual_seed(0)

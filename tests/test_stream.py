@@ -16,7 +16,7 @@ from distil_scale.config import ConfigError
 from distil_scale.data import stream as stream_module
 from distil_scale.data.masking import Masker
 from distil_scale.data.shards import read_manifest
-from distil_scale.data.stream import BatchStream, make_loader, read_shard, resume_plan
+from distil_scale.data.stream import BatchStream, buffer_shuffled, make_loader, read_shard, resume_plan
 
 
 def _make(dataset: str, split: str = "train", **overrides) -> BatchStream:
@@ -165,6 +165,73 @@ def test_batch_layout(tiny_dataset):
     # Length grouping: far less padding than batches drawn at random from the same samples.
     padded = sum(b["attention_mask"].numel() for b in batches)
     assert padded < 1.25 * sum(len(v) for v in samples.values())
+
+
+def test_loader_batches_are_the_stream_batches(tiny_dataset, monkeypatch):
+    # Workers send numpy arrays; the loader's iterator must hand out what the stream yields in-process: the same
+    # keys in the same order, tensors of the same dtypes and values, the same plain values.
+    stream = _make(tiny_dataset, max_epochs=2)
+    per_worker = []
+    for worker in range(2):
+        _as_worker(monkeypatch, worker, 2)
+        per_worker.append(list(stream))
+    monkeypatch.setattr(stream_module, "get_worker_info", lambda: None)
+    want = [b for pair in zip(*per_worker, strict=True) for b in pair]  # round-robin; equal counts here
+    got = list(make_loader(_make(tiny_dataset, max_epochs=2), num_workers=2))
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
+        assert list(a) == list(b)
+        for key, value in b.items():
+            if isinstance(value, torch.Tensor):
+                assert type(a[key]) is torch.Tensor and a[key].dtype == value.dtype and a[key].is_contiguous()
+                torch.testing.assert_close(a[key], value, rtol=0, atol=0)
+            else:
+                assert a[key] == value and type(a[key]) is type(value)
+    # Through make_loader in-process too, and its batches are writable tensors of their own.
+    in_process = list(make_loader(_make(tiny_dataset), num_workers=0))
+    _assert_same_batches(in_process, list(_make(tiny_dataset)))
+    in_process[0]["labels"].fill_(0)
+
+
+def test_pinned_batches_become_tensors_in_the_pin_thread(tiny_dataset, monkeypatch):
+    # With CUDA the DataLoader's pin thread hands each worker batch to torch's pin_memory(), which must give
+    # tensors (pinned) back; without CUDA here, pinning is replaced by a plain copy.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    batch = next(iter(_make(tiny_dataset)))
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self.clone())
+    pinned = pin_memory(stream_module._ArrayBatch(batch))
+    assert type(pinned) is dict and list(pinned) == list(batch)
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            assert pinned[key].dtype == value.dtype
+            torch.testing.assert_close(pinned[key], value, rtol=0, atol=0)
+        else:
+            assert pinned[key] == value
+
+
+def _one_draw_per_sample(samples, *, size, rng):
+    """The reference shuffle: one scalar draw per sample past the first `size`, then a shuffle of the rest."""
+    buffer = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        j = int(rng.integers(size))
+        buffer[j], sample = sample, buffer[j]
+        yield sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+@pytest.mark.parametrize("count", [0, 3, 50, 1073, 1074, 3000])
+@pytest.mark.parametrize("size", [1, 50, 2000])
+def test_buffer_shuffled_draws_as_one_draw_per_sample(count, size):
+    # buffer_shuffled draws its slots in blocks; the order (and the rng's final state) must not show it.
+    got_rng, want_rng = np.random.default_rng(count + size), np.random.default_rng(count + size)
+    got = list(buffer_shuffled(iter(range(count)), size=size, rng=got_rng))
+    assert got == list(_one_draw_per_sample(iter(range(count)), size=size, rng=want_rng))
+    assert got_rng.bit_generator.state == want_rng.bit_generator.state
 
 
 def _service_order(totals: list[int]) -> list[int]:

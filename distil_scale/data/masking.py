@@ -30,11 +30,13 @@ def collate(seqs: list[np.ndarray], *, pad_id: int, multiple_of: int = 8) -> tup
         raise ValueError(f"multiple_of must be >= 1, got {multiple_of}")
     lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
     width = int(-(-lengths.max(initial=1) // multiple_of) * multiple_of)
+    real = np.arange(width)[None, :] < lengths[:, None]
     input_ids = np.full((len(seqs), width), pad_id, dtype=np.int64)
-    for row, seq in zip(input_ids, seqs, strict=True):
-        row[: len(seq)] = seq
-    attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
-    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
+    if len(seqs):
+        # One copy for the whole batch: a row-major boolean index visits each row's first len(seq) positions in
+        # order, which is exactly where the concatenated sequences go.
+        input_ids[real] = np.concatenate(seqs)
+    return torch.from_numpy(input_ids), torch.from_numpy(real.astype(np.int64))
 
 
 class Masker:
@@ -94,27 +96,34 @@ class Masker:
         Only real tokens (attention_mask 1) can be picked: padding, and so a placeholder row that is all padding,
         never gets a label, and a batch without real tokens comes back unchanged with labels -100 throughout.
         """
-        flat_ids = input_ids.reshape(-1)
-        weights = torch.from_numpy(self.weights)[flat_ids]
-        weights.mul_(attention_mask.reshape(-1).to(weights.dtype))
-        num_real = int(attention_mask.sum())
-        num_maskable = int(torch.count_nonzero(weights))
+        # Everything but the random draws runs in numpy: the same arithmetic (a float32 gather, product,
+        # quotient and comparisons give the same bits either way) at a fraction of torch's per-op overhead on
+        # these small arrays. The draws come from `generator` exactly as before, so the masks do not change.
+        flat_ids = input_ids.reshape(-1).numpy()
+        real = attention_mask.reshape(-1).numpy() != 0
+        weights = np.where(real, self.weights[flat_ids], np.float32(0.0))
+        num_real = int(np.count_nonzero(real))
+        num_maskable = int(np.count_nonzero(weights))
         num_targets = min(math.ceil(self.mlm_probability * num_real), num_maskable)
-        labels = torch.full_like(flat_ids, -100)
-        masked = flat_ids.clone()
+        labels = np.full_like(flat_ids, -100)
+        masked = flat_ids.copy()
         if num_targets == 0:
-            return masked.view_as(input_ids), labels.view_as(input_ids)
+            return torch.from_numpy(masked).view_as(input_ids), torch.from_numpy(labels).view_as(input_ids)
         # Exponential race: the largest w_i / E_i are the earliest arrivals. Weight-0 positions score 0 and,
         # because num_targets <= num_maskable, never make the cut.
         arrival = torch.empty(weights.shape, dtype=torch.float32).exponential_(generator=generator)
         # An arrival of exactly 0 would turn a weight-0 position into 0/0 = NaN, which top-k ranks first.
         arrival.clamp_(min=torch.finfo(torch.float32).tiny)
-        picked = torch.topk(weights.div_(arrival), num_targets, sorted=False).indices
+        scores = torch.from_numpy(np.divide(weights, arrival.numpy(), out=weights))
+        picked = torch.topk(scores, num_targets, sorted=False).indices.numpy()
         labels[picked] = flat_ids[picked]
-        action = torch.rand(num_targets, generator=generator)
-        to_mask = picked[action < self.mask_fraction]
-        to_random = picked[(action >= self.mask_fraction) & (action < self.mask_fraction + self.random_fraction)]
+        # float32 thresholds, as torch compares a float32 tensor with a Python float.
+        action = torch.rand(num_targets, generator=generator).numpy()
+        mask_below = np.float32(self.mask_fraction)
+        random_below = np.float32(self.mask_fraction + self.random_fraction)
+        to_mask = picked[action < mask_below]
+        to_random = picked[(action >= mask_below) & (action < random_below)]
         masked[to_mask] = self.mask_id
-        draws = torch.randint(len(self.random_ids), (len(to_random),), generator=generator)
-        masked[to_random] = torch.from_numpy(self.random_ids)[draws]
-        return masked.view_as(input_ids), labels.view_as(input_ids)
+        draws = torch.randint(len(self.random_ids), (len(to_random),), generator=generator).numpy()
+        masked[to_random] = self.random_ids[draws]
+        return torch.from_numpy(masked).view_as(input_ids), torch.from_numpy(labels).view_as(input_ids)

@@ -44,11 +44,14 @@ read, and only with np.frombuffer: any other member (`.pyd`, `.pth`, `.pickle`, 
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import signal
+import struct
 import tarfile
 import warnings
+import zlib
 from collections.abc import Generator, Iterator, Mapping
 from typing import IO
 
@@ -126,24 +129,167 @@ _Member = tuple[str, str, bytes | None]
 # One sample: its key and its members as (suffix, bytes or None).
 _Group = tuple[str, list[tuple[str, bytes | None]]]
 
+_BLOCK = 512  # tar headers and member data come in blocks of this size
+_ZERO_BLOCK = bytes(_BLOCK)  # the end-of-archive marker
+_READ_SIZE = 1 << 20  # bytes per read from a shard: a few reads per shard, not one per member
+_SHUFFLE_DRAWS = 1024  # buffer_shuffled draws this many swap slots at once
+_VOCAB_CHECK_SAMPLES = 64  # read_shard checks the ids of this many samples against the vocabulary at once
+_REGULAR_TYPES = (b"0", b"\0", b"7")  # regular file, its pre-POSIX spelling, contiguous file (as tarfile counts)
+_NO_DATA_TYPES = (b"1", b"2", b"3", b"4", b"5", b"6")  # links, devices, directories, fifos: headers only
+# Headers that rename or resize the member that follows them (pax, GNU long names, GNU sparse files). Our writer
+# never emits them; read blindly, the next member would get a wrong name or size, so they end the shard instead.
+_EXTENSION_TYPES = (b"x", b"g", b"L", b"K", b"S")
+
 
 def _tar_members(stream: IO[bytes]) -> Iterator[_Member]:
     """The regular members of a tar stream (compressed or not), named the way webdataset names them.
 
-    Only our ids members are read into memory; tarfile skips past any other member's bytes without handing them
-    to anyone, so whatever a hostile shard packs there is never loaded, let alone unpickled.
+    Only our ids members are read into memory; any other member's bytes are skipped without being handed to
+    anyone, so whatever a hostile shard packs there is never loaded, let alone unpickled. An uncompressed ustar
+    stream, which is what `prepare` writes, goes through `_ustar_members`; anything else (a compressed tar,
+    another tar dialect, not a tar at all) goes to the standard library's tarfile, which also explains why it
+    cannot read it.
     """
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+    head = _read_at_least(stream, b"", _BLOCK)
+    if len(head) >= _BLOCK and head[257:262] == b"ustar":
+        yield from _ustar_members(stream, head)
+        return
+    with tarfile.open(fileobj=_Prefixed(head, stream), mode="r|*") as tar:
         for info in tar:
             tar.members = []  # stream mode would otherwise keep every TarInfo of the shard
-            if not info.isreg() or _META_MEMBER.match(info.name):
+            if not info.isreg():
                 continue
-            key, suffix = base_plus_ext(info.name)
-            if key is None:
+            name = _member_name(info.name)
+            if name is None:
                 continue
-            suffix = suffix.lower()
+            key, suffix = name
             member = tar.extractfile(info) if suffix in _ID_DTYPES else None
             yield key, suffix, None if member is None else member.read()
+
+
+def _member_name(name: str) -> tuple[str, str] | None:
+    """(sample key, lower-case suffix) of a regular member, or None for webdataset metadata and suffix-less names."""
+    if _META_MEMBER.match(name):
+        return None
+    key, suffix = base_plus_ext(name)
+    return None if key is None else (key, suffix.lower())
+
+
+def _ustar_members(stream: IO[bytes], buf: bytes) -> Iterator[_Member]:
+    """`_tar_members` of an uncompressed ustar stream, `buf` holding its first bytes (at least one block).
+
+    A minimal, strict reader for the plain headers our writer (Python's tarfile through webdataset) produces:
+    every header must carry the ustar magic, a valid checksum and an octal size; anything else raises
+    tarfile.ReadError naming the byte offset, so the shard counts as broken from there on. Parsing the header
+    fields we need by slicing costs a few microseconds a member, where tarfile's TarInfo costs tens.
+    """
+    pos = 0  # where the next header starts in buf
+    base = 0  # offset of buf[0] in the tar, for messages
+    while True:
+        if len(buf) - pos < _BLOCK:
+            buf, base, pos = _read_at_least(stream, buf[pos:], _BLOCK), base + pos, 0
+            if not buf:
+                return  # the tar ends at a member boundary without its end-of-archive blocks: so does tarfile
+            if len(buf) < _BLOCK:
+                raise tarfile.ReadError(f"truncated header at byte {base}")
+        header = buf[pos : pos + _BLOCK]
+        if header == _ZERO_BLOCK:
+            return  # end of archive
+        name, kind, size = _parse_header(header, base + pos)
+        data = pos + _BLOCK  # where the member's data starts in buf
+        if kind in _EXTENSION_TYPES:
+            raise tarfile.ReadError(
+                f"header at byte {base + pos} is of type {kind!r}, a pax/GNU extension that distil-scale shards "
+                "never hold"
+            )
+        if kind in _NO_DATA_TYPES:
+            pos = data
+            continue
+        member = _member_name(name) if kind in _REGULAR_TYPES else None
+        if member is not None and member[1] in _ID_DTYPES:
+            if len(buf) - data < size:
+                buf, base, data = _read_at_least(stream, buf[pos:], _BLOCK + size), base + pos, _BLOCK
+                pos = 0
+                if len(buf) - data < size:
+                    raise tarfile.ReadError(f"unexpected end of data in the member at byte {base}")
+            yield member[0], member[1], buf[data : data + size]
+        elif member is not None:
+            yield member[0], member[1], None
+        # Skip the data and its padding to the next block boundary, reading (and dropping) what buf lacks.
+        pos = data + -(-size // _BLOCK) * _BLOCK
+        if pos > len(buf):
+            _skip(stream, pos - len(buf), base + len(buf))
+            buf, base, pos = b"", base + pos, 0
+
+
+def _parse_header(header: bytes, offset: int) -> tuple[str, bytes, int]:
+    """(name, type flag, data size) of a 512-byte ustar header found at byte `offset`; ReadError if malformed."""
+    if header[257:262] != b"ustar":
+        raise tarfile.ReadError(f"no ustar header at byte {offset}")
+    try:
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        size = -1
+    if size < 0:  # int() would also take a sign; base-256 sizes (members of 8 GiB and more) are not ours either
+        raise tarfile.ReadError(f"header at byte {offset} has a malformed checksum or size field")
+    # The checksum is the sum of the header's bytes with its own 8-byte field counted as spaces. adler32's low 16
+    # bits are 1 + the byte sum modulo 65521, which is the exact sum for 256 bytes (at most 255 * 256 = 65280):
+    # two C calls instead of a Python loop over 512 bytes.
+    total = (zlib.adler32(header[:256]) & 0xFFFF) + (zlib.adler32(header[256:]) & 0xFFFF) - 2
+    if stored != total - sum(header[148:156]) + 8 * 32 and stored != _signed_checksum(header):
+        raise tarfile.ReadError(f"bad header checksum at byte {offset}")
+    name = header[:100].split(b"\0", 1)[0]
+    prefix = header[345:500].split(b"\0", 1)[0]  # ustar keeps long paths as prefix / name
+    if prefix:
+        name = prefix + b"/" + name
+    return name.decode("utf-8", "surrogateescape"), header[156:157], size
+
+
+def _signed_checksum(header: bytes) -> int:
+    """The checksum some old tars wrote: bytes summed as signed chars (tarfile accepts it too)."""
+    return 8 * 32 + sum(struct.unpack_from("148b8x356b", header))
+
+
+def _read_at_least(stream: IO[bytes], buf: bytes, size: int) -> bytes:
+    """`buf` followed by what `stream` gives until it holds `size` bytes or the stream ends."""
+    parts, have = [buf], len(buf)
+    while have < size:
+        chunk = stream.read(max(_READ_SIZE, size - have))
+        if not chunk:
+            break
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts) if len(parts) > 1 else buf
+
+
+def _skip(stream: IO[bytes], size: int, offset: int) -> None:
+    """Read and drop `size` bytes of `stream` (a pipe cannot seek); ReadError if it ends first."""
+    while size > 0:
+        chunk = stream.read(min(size, _READ_SIZE))
+        if not chunk:
+            raise tarfile.ReadError(f"unexpected end of data at byte {offset}")
+        size -= len(chunk)
+        offset += len(chunk)
+
+
+class _Prefixed(io.RawIOBase):
+    """A read-only stream of `head` followed by the rest of `stream`: the bytes `_tar_members` already looked at."""
+
+    def __init__(self, head: bytes, stream: IO[bytes]):
+        self._head, self._stream = head, stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self._head:
+            size = min(len(buffer), len(self._head))
+            buffer[:size], self._head = self._head[:size], self._head[size:]
+            return size
+        chunk = self._stream.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
 
 
 def _tar_samples(stream: IO[bytes]) -> Generator[_Group, None, None]:
@@ -170,20 +316,32 @@ def _tar_samples(stream: IO[bytes]) -> Generator[_Group, None, None]:
         raise error
 
 
-def _decode(members: list[tuple[str, bytes | None]], vocab_size: int | None) -> np.ndarray | str:
-    """The sample's token ids, or why it has none that can be trained on."""
-    found = [(suffix, data) for suffix, data in members if suffix in _ID_DTYPES]
-    if len(found) != 1:
-        others = sorted({suffix for suffix, _ in members} - set(_ID_DTYPES))
-        return f"{len(found)} ids members" if found else f"no ids member, only {others}"
-    suffix, data = found[0]
+def _decode(members: list[tuple[str, bytes | None]]) -> np.ndarray | str:
+    """The sample's token ids (the vocabulary is checked later, see `_outside_vocabulary`), or why it has none
+    that can be trained on."""
+    if len(members) == 1 and members[0][1] is not None:  # the usual sample: one member, an ids member
+        suffix, data = members[0]
+    else:
+        found = [(suffix, data) for suffix, data in members if suffix in _ID_DTYPES]
+        if len(found) != 1:
+            others = sorted({suffix for suffix, _ in members} - set(_ID_DTYPES))
+            return f"{len(found)} ids members" if found else f"no ids member, only {others}"
+        suffix, data = found[0]
     dtype = _ID_DTYPES[suffix]
     if data is None or len(data) == 0 or len(data) % dtype.itemsize:
         return f"{suffix} member of {0 if data is None else len(data)} bytes"
-    ids = np.frombuffer(data, dtype=dtype)
-    if vocab_size is not None and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        return f"ids outside the vocabulary of {vocab_size}"
-    return ids
+    return np.frombuffer(data, dtype=dtype)
+
+
+def _outside_vocabulary(arrays: list[np.ndarray], vocab_size: int | None) -> set[int]:
+    """Indices of the arrays holding an id outside [0, vocab_size): one vectorised check over all of them, and a
+    look at each only when that fails (a damaged shard), instead of two reductions per sample."""
+    if vocab_size is None or not arrays:
+        return set()
+    ids = np.concatenate(arrays)
+    if int(ids.min()) >= 0 and int(ids.max()) < vocab_size:
+        return set()
+    return {i for i, ids in enumerate(arrays) if int(ids.min()) < 0 or int(ids.max()) >= vocab_size}
 
 
 def _one_line(error: BaseException) -> str:
@@ -209,6 +367,20 @@ def read_shard(url: str, *, start: int = 0, stop: int | None = None, vocab_size:
     samples: Generator[_Group, None, None] | None = None
     ended = False  # read to the tar's own end (as opposed to stopping at `stop` or on an error)
     broken = False  # the tar could not be opened or broke off
+    pending: list[Sample] = []  # decoded samples, in shard order, whose ids still await the vocabulary check
+
+    def checked() -> Iterator[Sample]:
+        """The pending samples after one vectorised vocabulary check: placeholders for those that fail it."""
+        outside = _outside_vocabulary([ids for _, ids in pending], vocab_size)
+        for index, (key, ids) in enumerate(pending):
+            if index not in outside:
+                yield key, ids
+                continue
+            bad.append((key, f"ids outside the vocabulary of {vocab_size}"))
+            if stop is not None:
+                yield placeholder(key)
+        pending.clear()
+
     try:
         try:
             stream = wds.gopen(url)
@@ -229,13 +401,17 @@ def read_shard(url: str, *, start: int = 0, stop: int | None = None, vocab_size:
             position += 1
             if position <= start:
                 continue
-            ids = _decode(members, vocab_size)
+            ids = _decode(members)
             if isinstance(ids, str):
+                yield from checked()  # the samples before this one go first, and are the first in `bad`
                 bad.append((key, ids))
                 if stop is not None:
                     yield placeholder(key)
                 continue
-            yield key, ids
+            pending.append((key, ids))
+            if len(pending) == _VOCAB_CHECK_SAMPLES:
+                yield from checked()
+        yield from checked()
         if ended and stop is not None and position < stop:
             problems.append(f"holds {position} samples, the manifest promised at least {stop}")
         closed = _close(samples, stream)
@@ -274,15 +450,31 @@ def _close(samples: Generator[_Group, None, None] | None, stream: IO[bytes] | No
 
 
 def buffer_shuffled(samples: Iterator[Row], *, size: int, rng: np.random.Generator) -> Iterator[Row]:
-    """Reservoir-style shuffle with bounded memory: a seeded rng makes the order a pure function of the input."""
+    """Reservoir-style shuffle with bounded memory: a seeded rng makes the order a pure function of the input.
+
+    Each sample past the first `size` swaps with slot `rng.integers(size)`. Those draws are made in blocks of
+    `_SHUFFLE_DRAWS` (one numpy call instead of one per sample): numpy's vectorised `integers` gives the same
+    numbers as that many scalar calls, and the draws made ahead but never used are given back before the final
+    shuffle of the buffer, so the result is the one of drawing one slot per sample.
+    """
     buffer: list[Row] = []
+    slots: list[int] = []  # drawn ahead
+    used = 0  # of them
+    state = None  # rng's state before `slots` were drawn
     for sample in samples:
         if len(buffer) < size:
             buffer.append(sample)
             continue
-        j = int(rng.integers(size))
+        if used == len(slots):
+            state = rng.bit_generator.state
+            slots, used = rng.integers(size, size=_SHUFFLE_DRAWS).tolist(), 0
+        j = slots[used]
+        used += 1
         buffer[j], sample = sample, buffer[j]
         yield sample
+    if state is not None:
+        rng.bit_generator.state = state  # undo the block, then redraw only the part that was used
+        rng.integers(size, size=used)
     rng.shuffle(buffer)
     yield from buffer
 
@@ -508,6 +700,61 @@ class BatchStream(IterableDataset):
             epoch, skip = epoch + 1, max(skip - count, 0)
 
 
+class _ArrayBatch:
+    """A batch on its way from a DataLoader worker: the stream's batch with numpy arrays in place of its tensors.
+
+    A numpy array pickles as plain bytes, while a tensor goes through torch's shared-memory handover (a shared
+    file, a descriptor sent over a socket, a mapping on each side), which costs more than making the batch.
+    The arrays share memory with the tensors they replace, and `tensors()` turns them back (again without
+    copying) in the trainer's process. With pinned memory the DataLoader's pin thread calls `pin_memory()`,
+    which does both there.
+    """
+
+    def __init__(self, batch: dict):
+        self.fields = {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def tensors(self) -> dict:
+        """The batch as the stream made it: the same keys, tensors of the same dtypes and shapes."""
+        return {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in self.fields.items()}
+
+    def pin_memory(self, device: str | None = None) -> dict:
+        return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in self.tensors().items()}
+
+
+class _ArrayStream(IterableDataset):
+    """What make_loader's DataLoader iterates: `stream`'s batches as `_ArrayBatch`es."""
+
+    def __init__(self, stream: BatchStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[_ArrayBatch]:
+        return map(_ArrayBatch, self.stream)
+
+
+def _as_is(batch: _ArrayBatch) -> _ArrayBatch:
+    """The DataLoader's collate_fn: without it, batch_size=None would convert numpy arrays to tensors in the
+    worker, undoing the point of `_ArrayBatch`."""
+    return batch
+
+
+class _TensorBatches(Iterator[dict]):
+    """An iterator of make_loader's DataLoader: its batches with tensors again, as BatchStream yields them."""
+
+    def __init__(self, loader_iter: Iterator):
+        self.loader_iter = loader_iter  # the DataLoader's own iterator (see close_loader)
+
+    def __next__(self) -> dict:
+        batch = next(self.loader_iter)
+        return batch.tensors() if isinstance(batch, _ArrayBatch) else batch  # pinned ones come as tensors already
+
+
+class BatchLoader(DataLoader):
+    """make_loader's DataLoader: iterating it gives BatchStream's batches (tensors), however they travelled."""
+
+    def __iter__(self) -> Iterator[dict]:
+        return _TensorBatches(super().__iter__())
+
+
 def _ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM / SIGUSR1 to the trainer, which checkpoints before it stops them."""
     for signum in (signal.SIGTERM, signal.SIGUSR1):
@@ -520,6 +767,7 @@ def close_loader(batches: Iterator[dict]) -> None:
     They ignore SIGTERM (see _ignore_stop_signals), so the terminate() that multiprocessing sends its children at
     exit would not stop them and its join would wait forever: a run that ends in an exception must close them.
     """
+    batches = getattr(batches, "loader_iter", batches)  # make_loader's iterators wrap the DataLoader's
     shutdown = getattr(batches, "_shutdown_workers", None)  # a single-process iterator has no workers
     if shutdown is not None:
         shutdown()
@@ -527,8 +775,11 @@ def close_loader(batches: Iterator[dict]) -> None:
 
 def make_loader(
     stream: BatchStream, *, num_workers: int, prefetch_factor: int = 2, multiprocessing_context: str | None = None
-) -> DataLoader:
-    """A DataLoader over `stream` (batch_size=None: the stream batches itself).
+) -> BatchLoader:
+    """A DataLoader over `stream` (batch_size=None: the stream batches itself) that yields the stream's batches.
+
+    Workers send their batches as numpy arrays (see `_ArrayBatch`); the loader's iterator turns them back into
+    tensors in this process, so a consumer sees exactly what iterating `stream` gives.
 
     Workers start by `forkserver` unless told otherwise: forking a trainer that already runs CUDA, NCCL or
     tokenizer threads can deadlock a child. The forkserver preloads this module (torch, numpy, webdataset),
@@ -552,9 +803,10 @@ def make_loader(
     # Its own generator: a DataLoader iterator draws a base seed, and drawing it from the global RNG would shift
     # the dropout stream of a resumed run against an uninterrupted one. (The stream seeds itself from coordinates.)
     generator = torch.Generator().manual_seed(stream.seed)
-    return DataLoader(
-        stream,
+    return BatchLoader(
+        _ArrayStream(stream),
         batch_size=None,
+        collate_fn=_as_is,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         generator=generator,
