@@ -6,6 +6,7 @@ truth), then merges the `deepspeed:` passthrough section last for expert keys.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from dataclasses import dataclass
@@ -51,10 +52,26 @@ def init_distributed() -> Placement:
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     local_rank = int(os.environ["LOCAL_RANK"])
+    if not on_gpu:
+        _unlink_shm_buffer(rank)
     if on_gpu:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
     return Placement(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _unlink_shm_buffer(rank: int) -> None:
+    """Remove the name of this rank's DeepSpeed CPU all-reduce buffer, which DeepSpeed never removes.
+
+    When every rank is on one host, DeepSpeed's CPU backend gives each rank a 66 MB shared-memory file in
+    /dev/shm and maps every other rank's; left behind, they fill a CPU machine's memory launch after launch.
+    Every rank has mapped all of them once `deepspeed.init_distributed` has returned everywhere (the barrier), and
+    a mapping outlives its file's name.
+    """
+    torch.distributed.barrier()
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ['MASTER_ADDR']}_{os.environ['MASTER_PORT']}_{rank}"
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
