@@ -2,6 +2,7 @@
 
     python -m distil_scale.bench data [--seq-len 128 512] [--micro-batch-size 32] [--workers 0 1 2] [--seconds 5]
     python -m distil_scale.bench step [--teacher-config configs/models/tiny-bert.json] [--impls eager fused]
+        [--activation-checkpointing]
 
 `data` prepares a dataset offline (the synthetic corpus, a WordPiece tokenizer, `prepare`) into --workdir or a
 temporary directory, or reuses one given with --data, then measures how many masked, collated tokens per second
@@ -347,8 +348,11 @@ class _AdamW:
             p.grad = None
 
 
-def build_step_models(teacher_config_path: str | None, device: torch.device, dtype: torch.dtype):
-    """(teacher, student, optimizer): a random teacher, the half-depth student of models.build_student, AdamW."""
+def build_step_models(
+    teacher_config_path: str | None, device: torch.device, dtype: torch.dtype, *, activation_checkpointing: bool = False
+):
+    """(teacher, student, optimizer): a random teacher, the half-depth student of models.build_student, AdamW;
+    `activation_checkpointing` as train.activation_checkpointing does it."""
     from transformers import AutoConfig, AutoModelForMaskedLM, BertConfig
 
     from distil_scale.models import build_student
@@ -358,6 +362,8 @@ def build_step_models(teacher_config_path: str | None, device: torch.device, dty
     teacher = AutoModelForMaskedLM.from_config(config)
     teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
     student = build_student(teacher, init="random").to(device=device, dtype=dtype).train()
+    if activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return teacher, student, _AdamW([p for p in student.parameters() if p.requires_grad], lr=_OPTIM_LR)
 
 
@@ -463,7 +469,9 @@ def run_step(args: argparse.Namespace) -> list[StepResult]:
     warmup, iters = args.warmup if args.warmup is not None else (3 if gpu else 1), args.iters or (10 if gpu else 1)
     args.warmup, args.iters = warmup, iters
     dtype = torch.bfloat16 if gpu else torch.float32
-    models = build_step_models(args.teacher_config, device, dtype)
+    models = build_step_models(
+        args.teacher_config, device, dtype, activation_checkpointing=args.activation_checkpointing
+    )
     results = []
     for impl in args.impls:
         if args.micro_batch_size or not gpu:
@@ -481,7 +489,8 @@ def run_step(args: argparse.Namespace) -> list[StepResult]:
     print(
         f"one distillation step: teacher {teacher.config.num_hidden_layers} layers x {teacher.config.hidden_size} "
         f"(vocab {teacher.config.vocab_size}, no grad) -> student {student.config.n_layers} layers, forward + "
-        f"backward + AdamW; median of {iters} after {warmup} warm-up; random full-length sequences"
+        f"backward{' with activation checkpointing' if args.activation_checkpointing else ''} + AdamW; median of "
+        f"{iters} after {warmup} warm-up; random full-length sequences"
     )
     print(format_step_table(results))
     peak_note = "torch.cuda.max_memory_allocated" if gpu else "RSS high-water mark of the process"
@@ -527,6 +536,9 @@ def _parser() -> argparse.ArgumentParser:
     step.add_argument("--max-micro-batch-size", type=int, default=1024, help="GPU: stop doubling here")
     step.add_argument("--warmup", type=int, help="untimed steps per row (default 3 GPU, 1 CPU)")
     step.add_argument("--iters", type=int, help="timed steps per row (default 10 GPU, 1 CPU)")
+    step.add_argument(
+        "--activation-checkpointing", action="store_true", help="recompute the student's layers in backward"
+    )
     step.add_argument("--peak-tflops", type=float, help="peak TFLOP/s for MFU (default: from the device name)")
     step.add_argument("--out", help="directory to write step-<tag>.csv into (default: no CSV)")
     step.add_argument("--tag", help="file name suffix (default: cpu or cuda)")

@@ -114,3 +114,15 @@ def test_gpu_search_doubles_until_out_of_memory(monkeypatch: pytest.MonkeyPatch,
         ("fused", s, 512, "ok") for s in (8, 16, 32, 64, 128)
     ] + [("fused", 256, 512, "OOM")]
     assert "machine: CPU" in capsys.readouterr().out
+
+
+def test_step_bench_with_activation_checkpointing(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["step", "--teacher-config", str(ROOT / "configs/models/tiny-bert.json"), "--micro-batch-size", "2"]
+    args += ["--seq-len", "16", "--warmup", "1", "--iters", "1", "--impls", "fused", "--activation-checkpointing"]
+    (result,) = bench.main(args)
+    assert result.status == "ok" and result.step_ms > 0
+    assert "backward with activation checkpointing" in capsys.readouterr().out
+    _, student, _ = bench.build_step_models(
+        str(ROOT / "configs/models/tiny-bert.json"), torch.device("cpu"), torch.float32, activation_checkpointing=True
+    )
+    assert student.is_gradient_checkpointing
