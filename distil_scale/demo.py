@@ -56,7 +56,7 @@ def _stage_done(cfg: Config) -> bool:
         return json.load(f) == cfg.to_dict()
 
 
-def _run_stage(name: str, cfg: Config) -> None:
+def run_stage(name: str, cfg: Config) -> None:
     from distil_scale.train import train
 
     if _stage_done(cfg):
@@ -81,7 +81,7 @@ def run_demo(*, config_path: str | None = None, overrides: list[str] = (), fresh
         for name, extra in stage_overrides(root).items()
     }
     for name, cfg in configs.items():
-        _run_stage(name, cfg)
+        run_stage(name, cfg)
     summary = summarize(root, configs)
     print(f"demo: finished in {format_duration(time.perf_counter() - start)}; summary in {root}/summary.json")
     return summary
