@@ -60,7 +60,7 @@ def _ensure_demo_teacher(config_path: str, overrides: list[str], cfg: Config) ->
     if os.path.isdir(cfg.teacher.path) or os.path.join(teacher.run.output_dir, "export") != cfg.teacher.path:
         return
     print(f"ablate: the teacher {cfg.teacher.path} is missing; pretraining it as the demo does", flush=True)
-    demo.run_stage("teacher", teacher)
+    demo.run_stage("teacher", teacher, prefix="ablate")
 
 
 def run_ablation(
@@ -76,7 +76,7 @@ def run_ablation(
     _ensure_demo_teacher(config_path, overrides, configs["triple"])
     start = time.perf_counter()
     for name, cfg in configs.items():
-        demo.run_stage(f"ablate {name}", cfg)
+        demo.run_stage(name, cfg, prefix="ablate")
     results = summarize(configs, out)
     from distil_scale.metrics import format_duration
 

@@ -1,4 +1,4 @@
-"""The `distil-scale` command: train, prepare, export, eval, demo, config.
+"""The `distil-scale` command: train, prepare, export, eval, finetune, demo, config.
 
 Every user mistake (bad config, missing path, mismatched vocabulary) ends as one line on stderr and exit code 2.
 """
@@ -74,6 +74,21 @@ def _export(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
     _no_overrides(overrides)
+    # Options of --speed alone; unset ones are left to distil_scale.speed's defaults.
+    speed_only = ("batch_sizes", "seq_len", "iters", "warmup", "threads", "dtype", "forward")
+    speed_settings = {name: getattr(args, name) for name in speed_only if getattr(args, name) is not None}
+    if args.speed:
+        if args.data is not None:
+            raise ConfigError("eval --speed times random inputs; --data is not used with it")
+        from distil_scale.speed import run_speed
+
+        run_speed(args.models, json_output=args.json, out=args.out, seed=args.seed, **speed_settings)
+        return 0
+    given = ["--" + name.replace("_", "-") for name in speed_settings] + (["--out"] if args.out else [])
+    if given:  # silently ignoring them would leave the user thinking they took effect
+        raise ConfigError(f"eval: {', '.join(given)} only apply with --speed")
+    if args.data is None:
+        raise ConfigError("eval: --data (a prepared dataset directory) is required unless --speed is given")
     from distil_scale.evaluate import evaluate_models
 
     results = evaluate_models(
@@ -93,6 +108,41 @@ def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
     from distil_scale.demo import run_demo
 
     run_demo(config_path=args.config, overrides=overrides, fresh=args.fresh)
+    return 0
+
+
+def _ablate(args: argparse.Namespace, overrides: list[str]) -> int:
+    from distil_scale.ablate import run_ablation
+
+    results = run_ablation(args.config, overrides, out=args.out, steps=args.steps)
+    if args.json:
+        print(json.dumps(results, indent=1))
+    return 0
+
+
+def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides(overrides)
+    from distil_scale.finetune import finetune
+
+    results = finetune(
+        args.model,
+        train_data=args.train,
+        eval_data=args.eval,
+        text_fields=args.text_fields,
+        label_field=args.label_field,
+        tokenizer_dir=args.tokenizer,
+        train_split=args.train_split,
+        eval_split=args.eval_split,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_seq_length=args.max_seq_length,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        out=args.out,
+    )
+    if args.json:
+        print(json.dumps(results, indent=1))
     return 0
 
 
@@ -133,20 +183,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the model")
     p.set_defaults(fn=_export)
 
-    p = sub.add_parser("eval", help="MLM accuracy and perplexity of models on held-out shards")
-    p.add_argument("models", nargs="+", help="Hugging Face masked-LM directories (teacher, exported students)")
-    p.add_argument("--data", required=True, help="prepared dataset directory (dataset.json)")
+    p = sub.add_parser("eval", help="MLM accuracy and perplexity on held-out shards; --speed: size and speed")
+    p.add_argument(
+        "models",
+        nargs="+",
+        help="Hugging Face masked-LM directories (teacher, exported students); with --speed also config.json files",
+    )
+    p.add_argument("--data", default=None, help="prepared dataset directory (dataset.json); required without --speed")
     p.add_argument("--split", default="heldout")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-batches", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0, help="masking seed: the same masks for every model")
+    p.add_argument("--seed", type=int, default=0, help="masking seed (--speed: token-id seed): same for every model")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    speed = p.add_argument_group("--speed", "size and inference speed (the paper's Table 3); see distil_scale/speed.py")
+    speed.add_argument("--speed", action="store_true", help="time forward passes on random inputs instead")
+    speed.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default: 1 32")
+    speed.add_argument("--seq-len", type=int, default=None, help="tokens per sequence, no padding (default: 128)")
+    speed.add_argument(
+        "--iters", type=int, default=None, help="timed passes per model (default: CPU 20 / batch, >= 5; GPU 100)"
+    )
+    speed.add_argument(
+        "--warmup", type=int, default=None, help="untimed passes per model (default: CPU 3 / batch, >= 1; GPU 10)"
+    )
+    speed.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    speed.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="GPU precision (CPU: fp32)")
+    speed.add_argument(
+        "--forward", choices=["encoder", "mlm"], default=None, help="encoder (default, as Table 3) or the full MLM"
+    )
+    speed.add_argument("--out", default=None, help="also write the results as JSON to this file")
     p.set_defaults(fn=_eval)
+
+    p = sub.add_parser("ablate", help="the paper's ablation (Table 4): each loss term and the init, on any config")
+    p.add_argument("--config", required=True, help="run config; --section.key=value overrides follow")
+    p.add_argument("--steps", type=int, default=None, help="steps per variant (default: the config's max_steps)")
+    p.add_argument("--out", default=None, help="directory for the five runs and the table (<output_dir>/ablation)")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(fn=_ablate)
 
     p = sub.add_parser("demo", help="the embedded default: corpus -> tokenizer -> teacher -> student, offline")
     p.add_argument("--config", default=None, help="defaults to configs/demo.yaml")
     p.add_argument("--fresh", action="store_true", help="redo every stage instead of reusing finished ones")
     p.set_defaults(fn=_demo)
+
+    p = sub.add_parser("finetune", help="fine-tune a teacher or student on a classification task: accuracy and F1")
+    p.add_argument("model", help="Hugging Face masked-LM directory (teacher or exported student)")
+    p.add_argument("--train", required=True, help=".csv, .tsv, .jsonl or a `datasets` directory of labelled examples")
+    p.add_argument("--eval", required=True, help="the same for the evaluation split")
+    p.add_argument("--train-split", default="train", help="split of a saved DatasetDict given as --train")
+    p.add_argument("--eval-split", default="validation", help="split of a saved DatasetDict given as --eval")
+    p.add_argument("--text-fields", nargs="+", default=None, help="one or two text columns (default: by usual names)")
+    p.add_argument("--label-field", default="label", help="label column: ints or strings (ids = sorted order)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate: 10%% warmup, then linear decay")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="write the fine-tuned model, tokenizer and results.json here")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(fn=_finetune)
     return parser
 
 

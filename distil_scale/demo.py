@@ -56,18 +56,18 @@ def _stage_done(cfg: Config) -> bool:
         return json.load(f) == cfg.to_dict()
 
 
-def run_stage(name: str, cfg: Config) -> None:
+def run_stage(name: str, cfg: Config, *, prefix: str = "demo") -> None:
     from distil_scale.train import train
 
     if _stage_done(cfg):
-        print(f"demo: {name}: reusing {cfg.run.output_dir}/export")
+        print(f"{prefix}: {name}: reusing {cfg.run.output_dir}/export")
         return
-    print(f"demo: {name}: training {cfg.train.max_steps} steps into {cfg.run.output_dir}", flush=True)
+    print(f"{prefix}: {name}: training {cfg.train.max_steps} steps into {cfg.run.output_dir}", flush=True)
     start = time.perf_counter()
     train(cfg)
     with open(os.path.join(cfg.run.output_dir, "stage.json"), "w", encoding="utf-8") as f:
         json.dump(cfg.to_dict(), f)
-    print(f"demo: {name}: done in {format_duration(time.perf_counter() - start)}", flush=True)
+    print(f"{prefix}: {name}: done in {format_duration(time.perf_counter() - start)}", flush=True)
 
 
 def run_demo(*, config_path: str | None = None, overrides: list[str] = (), fresh: bool = False) -> dict:
