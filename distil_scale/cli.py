@@ -1,4 +1,4 @@
-"""The `distil-scale` command: train, prepare, export, eval, finetune, demo, config.
+"""The `distil-scale` command: train, prepare, export, eval, finetune, ablate, demo, config.
 
 Every user mistake (bad config, missing path, mismatched vocabulary) ends as one line on stderr and exit code 2.
 """

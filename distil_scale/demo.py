@@ -22,7 +22,7 @@ from distil_scale.metrics import format_duration, read_jsonl
 DEFAULT_CONFIG = "configs/demo.yaml"
 TEACHER_ARCH = "configs/models/demo-teacher.json"
 # The teacher gets more steps than the students: distillation needs a teacher worth imitating. About 5 of the
-# demo's ~8 minutes on 2 CPU cores; 1000 more steps buy only ~1 point of held-out MLM accuracy.
+# demo's ~10 minutes on 2 CPU cores; 1000 more steps buy only ~1 point of held-out MLM accuracy.
 TEACHER_STEPS = 2500
 
 
