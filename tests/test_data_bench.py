@@ -101,7 +101,7 @@ def test_gpu_search_doubles_until_out_of_memory(monkeypatch: pytest.MonkeyPatch,
     models = (SimpleNamespace(config=config), SimpleNamespace(config=config), None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
-    monkeypatch.setattr(bench, "build_step_models", lambda *a: models)
+    monkeypatch.setattr(bench, "build_step_models", lambda *a, **k: models)
 
     def fake_case(models, impl, size, seq_len, args, device):
         fits = size <= (32 if impl == "eager" else 128)
