@@ -363,7 +363,7 @@ def build_step_models(
     teacher.to(device=device, dtype=dtype).eval().requires_grad_(False)
     student = build_student(teacher, init="random").to(device=device, dtype=dtype).train()
     if activation_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable({"use_reentrant": False})
     return teacher, student, _AdamW([p for p in student.parameters() if p.requires_grad], lr=_OPTIM_LR)
 
 

@@ -132,7 +132,7 @@ def build_models(cfg: Config, placement: Placement):
         what=f"teacher {cfg.teacher.path} / data {cfg.data.shards}",
     )
     if cfg.train.activation_checkpointing:
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.activation_checkpointing_enable({"use_reentrant": False})
     if not cfg.uses_teacher_outputs:
         teacher = None  # only its architecture and weights were needed: free it
     elif cfg.teacher.partition:

@@ -125,4 +125,4 @@ def test_step_bench_with_activation_checkpointing(capsys: pytest.CaptureFixture[
     _, student, _ = bench.build_step_models(
         str(ROOT / "configs/models/tiny-bert.json"), torch.device("cpu"), torch.float32, activation_checkpointing=True
     )
-    assert student.is_gradient_checkpointing
+    assert student.is_activation_checkpointing
