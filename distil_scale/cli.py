@@ -82,7 +82,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError("eval --speed times random inputs; --data is not used with it")
         from distil_scale.speed import run_speed
 
-        run_speed(args.models, json_output=args.json, out=args.out, seed=args.seed, **speed_settings)
+        _print_json(args, run_speed(args.models, out=args.out, seed=args.seed, **speed_settings))
         return 0
     given = ["--" + name.replace("_", "-") for name in speed_settings] + (["--out"] if args.out else [])
     if given:  # silently ignoring them would leave the user thinking they took effect
@@ -99,8 +99,7 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         max_batches=args.max_batches,
         seed=args.seed,
     )
-    if args.json:
-        print(json.dumps(results, indent=1))
+    _print_json(args, results)
     return 0
 
 
@@ -115,8 +114,7 @@ def _ablate(args: argparse.Namespace, overrides: list[str]) -> int:
     from distil_scale.ablate import run_ablation
 
     results = run_ablation(args.config, overrides, out=args.out, steps=args.steps)
-    if args.json:
-        print(json.dumps(results, indent=1))
+    _print_json(args, results)
     return 0
 
 
@@ -141,9 +139,13 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
         seed=args.seed,
         out=args.out,
     )
+    _print_json(args, results)
+    return 0
+
+
+def _print_json(args: argparse.Namespace, results: dict) -> None:
     if args.json:
         print(json.dumps(results, indent=1))
-    return 0
 
 
 def _no_overrides(overrides: list[str]) -> None:

@@ -88,17 +88,18 @@ def forward_seconds(
                     break
                 input_ids = batch["input_ids"].to(device)
                 attention_mask = batch["attention_mask"].to(device)
-                _synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
                 model(input_ids=input_ids, attention_mask=attention_mask)
-                _synchronize(device)  # kernels run asynchronously on a GPU: wait before reading the clock
+                synchronize(device)  # kernels run asynchronously on a GPU: wait before reading the clock
                 elapsed += time.perf_counter() - start
     finally:
         model.train(was_training)
     return elapsed
 
 
-def _synchronize(device: torch.device | str) -> None:
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued kernels (a no-op on CPU), before reading a clock."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize(device)
 

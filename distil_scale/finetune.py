@@ -18,7 +18,6 @@ two labels, macro F1 (the unweighted mean of per-class F1) for more, as GLUE rep
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import inspect
 import json
@@ -37,7 +36,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distil_scale.config import ConfigError
-from distil_scale.models import check_vocab, error_line
+from distil_scale.models import check_vocab, error_line, max_positions, quiet_transformers
 
 RESULTS_FILE = "results.json"
 
@@ -283,24 +282,6 @@ class _Split:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    # Loading a masked LM into a classification model warns that the head is new and the MLM head unused: both
-    # are the point here, and the missing weights are checked below instead. The loading progress bar goes too:
-    # a mistake found after loading must still read as one line on stderr.
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
 def _check_model_dir(path: str) -> None:
     if not os.path.isdir(path):
         raise ConfigError(f"finetune: no model directory at {path}")
@@ -312,7 +293,7 @@ def load_classifier(path: str, names: list[str]) -> PreTrainedModel:
     """A sequence classifier (fp32) from a local masked-LM directory: its encoder, and a new head for `names`."""
     _check_model_dir(path)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 path,
                 local_files_only=True,
@@ -341,14 +322,6 @@ def load_task_tokenizer(path: str) -> PreTrainedTokenizerBase:
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"finetune: the tokenizer in {path} has no pad token; batches need one")
     return tokenizer
-
-
-def _max_positions(model: PreTrainedModel) -> int | None:
-    config = model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and config.model_type in ("roberta", "xlm-roberta", "camembert"):
-        limit -= config.pad_token_id + 1  # RoBERTa numbers positions from padding_idx + 1
-    return limit
 
 
 def _input_names(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[str]:
@@ -432,7 +405,7 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, results: d
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         with open(tmp / RESULTS_FILE, "w", encoding="utf-8") as f:
@@ -516,7 +489,7 @@ def finetune(
     model = load_classifier(model_dir, names)
     vocab = model.config.vocab_size
     check_vocab(teacher_vocab=vocab, student_vocab=vocab, tokenizer_vocab=len(tokenizer), what="finetune")
-    limit = _max_positions(model)
+    limit = max_positions(model.config)
     if limit is not None and max_seq_length > limit:
         raise ConfigError(f"finetune: --max-seq-length {max_seq_length} exceeds the model's {limit} positions")
 

@@ -85,6 +85,31 @@ def _position_offset(config: PreTrainedConfig) -> int:
     return config.pad_token_id + 1 if _family(config).offset_positions else 0
 
 
+def max_positions(config: PreTrainedConfig) -> int | None:
+    """The longest input a model's position table takes (RoBERTa-family rows start past padding_idx)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and config.model_type in _FAMILIES:
+        limit -= _position_offset(config)
+    return limit
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' warnings and progress bars off for the block: loading a model for another head warns about
+    the weights it drops or adds, and a bar would break the one-line output of a mistake found after loading."""
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def error_line(err: BaseException) -> str:
     """The first line of an exception's message, for one-line ConfigErrors that wrap library errors."""
     text = str(err).strip()

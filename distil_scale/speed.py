@@ -26,7 +26,6 @@ torch.inference_mode with the garbage collector paused; on a GPU the clock is re
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import os
@@ -35,17 +34,17 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import transformers
 from transformers import AutoConfig, AutoModelForMaskedLM, PreTrainedModel
-from transformers.utils import logging as hf_logging
 
 from distil_scale.config import ConfigError
-from distil_scale.evaluate import parameter_count
-from distil_scale.models import _FAMILIES, _position_offset, error_line, load_masked_lm_dir
+from distil_scale.evaluate import parameter_count, synchronize
+from distil_scale.models import error_line, load_masked_lm_dir, max_positions, quiet_transformers
+from kernels.bench import cpu_name
 
 DEFAULT_BATCH_SIZES = (1, 32)
 DEFAULT_SEQ_LEN = 128
@@ -134,21 +133,9 @@ def _short_names(paths: Sequence[str]) -> list[str]:
     return names if len(set(names)) == len(names) else list(paths)
 
 
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Transformers' "Loading weights" / "Writing model shards" bars off: the output is a table, or one error line."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
 def load_speed_model(path: str, name: str) -> SpeedModel:
     """A masked LM in eval mode, fp32 on CPU, from a model directory or a config.json, with its size."""
-    with _no_progress_bars():
+    with quiet_transformers():
         return _load_speed_model(path, name)
 
 
@@ -168,12 +155,6 @@ def _load_speed_model(path: str, name: str) -> SpeedModel:
     return SpeedModel(path, name, source, model.eval(), parameter_count(model), size / 1e6)
 
 
-def _max_positions(config) -> int:
-    """The longest input the model's position table takes (RoBERTa's rows start past padding_idx)."""
-    offset = _position_offset(config) if config.model_type in _FAMILIES else 0
-    return config.max_position_embeddings - offset
-
-
 def _forward_call(sm: SpeedModel, forward: str, batch: int, seq_len: int, seed: int, device: str) -> Callable:
     """A no-argument callable running one forward pass of `sm` on a fixed random batch already on `device`."""
     gen = torch.Generator().manual_seed(seed)  # the same ids for every model sharing a vocabulary
@@ -187,11 +168,6 @@ def _forward_call(sm: SpeedModel, forward: str, batch: int, seq_len: int, seed: 
     return call
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 def time_round_robin(calls: Sequence[Callable], *, warmup: int, iters: int, device: str) -> list[list[float]]:
     """Seconds of each of `iters` timed calls per callable, the callables interleaved round-robin.
 
@@ -202,7 +178,7 @@ def time_round_robin(calls: Sequence[Callable], *, warmup: int, iters: int, devi
         for call in calls:
             for _ in range(warmup):
                 call()
-        _synchronize(device)
+        synchronize(device)
         times: list[list[float]] = [[] for _ in calls]
         gc.collect()
         gc_was_enabled = gc.isenabled()
@@ -210,24 +186,15 @@ def time_round_robin(calls: Sequence[Callable], *, warmup: int, iters: int, devi
         try:
             for _ in range(iters):
                 for call, row in zip(calls, times):
-                    _synchronize(device)
+                    synchronize(device)
                     start = time.perf_counter()
                     call()
-                    _synchronize(device)  # kernels run asynchronously on a GPU: wait before reading the clock
+                    synchronize(device)  # kernels run asynchronously on a GPU: wait before reading the clock
                     row.append(time.perf_counter() - start)
         finally:
             if gc_was_enabled:
                 gc.enable()
     return times
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def machine_info() -> dict:
@@ -298,7 +265,7 @@ def measure_speed(
     try:
         models = [load_speed_model(path, name) for path, name in zip(paths, _short_names(paths))]
         for sm in models:
-            longest = _max_positions(sm.model.config)
+            longest = max_positions(sm.model.config)
             if seq_len > longest:
                 raise ConfigError(f"speed: --seq-len {seq_len} exceeds {sm.path}'s {longest} positions")
         report = {
@@ -389,18 +356,18 @@ def format_speed_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def run_speed(paths: Sequence[str], *, json_output: bool = False, out: str | None = None, **settings) -> dict:
-    """measure_speed, print the table (and the JSON when asked), write the JSON to `out` when given."""
+def run_speed(paths: Sequence[str], *, out: str | None = None, **settings) -> dict:
+    """measure_speed, print the table, write the JSON to `out` when given (temp file + rename)."""
     if out is not None:
         parent = os.path.dirname(os.path.abspath(out))
         if not os.path.isdir(parent):  # checked before minutes of timing, not after
             raise ConfigError(f"speed: --out {out}: directory {parent} does not exist")
     report = measure_speed(paths, **settings)
     print(format_speed_table(report), flush=True)
-    if json_output:
-        print(json.dumps(report, indent=1))
     if out is not None:
-        with open(out, "w", encoding="utf-8") as f:
+        tmp = f"{out}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=1)
             f.write("\n")
+        os.replace(tmp, out)
     return report

@@ -493,14 +493,18 @@ def gemm_ms(rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torc
     return statistics.median(times)
 
 
-def machine() -> str:
-    """One line: the CPU model and the cores this process may use, the GPU if any, torch and triton, the date."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what platform knows."""
     try:
         with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
-        pass
+        return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """One line: the CPU model and the cores this process may use, the GPU if any, torch and triton, the date."""
+    cpu = cpu_name()
     gpu = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "none"
     try:
         import triton

@@ -35,7 +35,7 @@ def _node_command(tmp_path, node_rank: int, master_addr: str, port: int, *overri
     ]
 
 
-def _check_logs(tmp_path, logs: list[str], returncodes: list[int]) -> None:
+def _check_logs(logs: list[str], returncodes: list[int]) -> None:
     for node, (log, rc) in enumerate(zip(logs, returncodes, strict=True)):
         assert rc == 0, f"node {node} exited {rc}:\n{log[-4000:]}"
     assert "node_rank=1" in logs[1] and "dist_world_size=2" in logs[1]
@@ -77,7 +77,7 @@ def _loopback_job(tmp_path, *overrides: str) -> list[str]:
             procs.append(subprocess.Popen(cmd, cwd=str(tmp_path), env=ENV, stdout=f, stderr=subprocess.STDOUT))
     returncodes = [p.wait(timeout=900) for p in procs]
     texts = [log.read_text() for log in logs]
-    _check_logs(tmp_path, texts, returncodes)
+    _check_logs(texts, returncodes)
     return texts
 
 
@@ -149,7 +149,7 @@ def _namespaced_job(tmp_path, *overrides: str) -> list[str]:
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     returncodes = [int(x) for x in (tmp_path / "returncodes").read_text().split()]
     texts = [(tmp_path / f"node{i}.log").read_text() for i in (0, 1)]
-    _check_logs(tmp_path, texts, returncodes)
+    _check_logs(texts, returncodes)
     return texts
 
 
