@@ -13,7 +13,9 @@ setup(
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",
-        "transformers>=4.45",
+        # transformers 5.25 made the unrelated PyPI package `kernels` a hard dependency, and that package shares its
+        # import name with our top-level `kernels/`: one of the two would shadow the other in every process.
+        "transformers>=4.45,<5.25",
         "tokenizers>=0.20",
         "datasets>=3.0",
         "webdataset>=0.2.100",

@@ -33,9 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from distil_scale.models import LMHeadInput
-from kernels import cosine_loss, linear_kd_mlm_loss
-
-IGNORE_INDEX = -100
+from kernels import IGNORE_INDEX, cosine_loss, linear_kd_mlm_loss
 
 
 class LossTerms(NamedTuple):
@@ -156,17 +154,23 @@ def head_loss(
 ):
     """fn(x, weight, bias) -> (kd, mlm) of the student's LM head against the teacher's, for projection_replaced.
 
-    The (B, L, V) logits of neither model are made. Without a teacher (alpha_kd = 0) the student's own head
-    stands in for it with no kd rows, so only its labelled rows are ever projected.
+    The (B, L, V) logits of neither model are made. When only the labelled rows matter (no kd, or kd restricted
+    to them) only those are projected: counting them is one host sync, and it saves the GEMMs of the other ~85%.
+    Without a teacher (alpha_kd = 0) the student's own head stands in for it with no kd rows.
     """
     labels = labels.reshape(-1) if alpha_mlm > 0 else torch.full_like(labels.reshape(-1), IGNORE_INDEX)
     if alpha_kd == 0:
         kd_rows = torch.zeros_like(labels, dtype=torch.bool)
     else:
         kd_rows = labels != IGNORE_INDEX if restrict_kd_to_mlm else attention_mask.reshape(-1).bool()
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(-1) if alpha_kd == 0 or restrict_kd_to_mlm else None
+    if rows is not None:
+        labels, kd_rows = labels[rows], kd_rows[rows]
 
     def fn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         t_x, t_w, t_b = (x, weight, bias) if teacher is None else (teacher.x, teacher.weight, teacher.bias)
+        if rows is not None:
+            x, t_x = x.reshape(-1, x.shape[-1])[rows], t_x.reshape(-1, t_x.shape[-1])[rows]
         return linear_kd_mlm_loss(
             x, weight, bias, t_x, t_w, t_b, labels, kd_rows, temperature=temperature, grad_weights=(alpha_kd, alpha_mlm)
         )
