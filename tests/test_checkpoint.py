@@ -17,7 +17,8 @@ def _run(workdir, *overrides: str) -> subprocess.CompletedProcess:
         shutil.copytree(os.path.join(OLD, "in"), workdir / "in")
         shutil.copy(os.path.join(OLD, "teacher.json"), workdir / "teacher.json")
     cmd = [
-        sys.executable, os.path.join(ROOT, "cluster", "launch.py"), "--config", os.path.join(ROOT, "configs", "debug.yaml"),
+        sys.executable, os.path.join(ROOT, "cluster", "launch.py"),
+        "--config", os.path.join(ROOT, "configs", "debug.yaml"),
         "--data.shards=in/shards", "--data.tokenizer=in/tokenizer", "--teacher.path=in/teacher",
         "--teacher.init_config=teacher.json", "--data.embedded_docs=120", "--data.samples_per_shard=40",
         "--data.tokenizer_vocab_size=500", "--data.max_seq_length=64", "--train.sequences_per_step=8",
