@@ -21,6 +21,7 @@ setup(
         "webdataset>=0.2.100",
         "triton>=3.0",
         "safetensors",
+        "xxhash",
         "pyyaml",
         "numpy",
         "pyarrow",

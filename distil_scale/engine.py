@@ -24,6 +24,9 @@ class Placement:
     world_size: int
     local_rank: int
     device: torch.device
+    # The group small CPU tensors reduce over (stop signals, the data position): None is the default group under
+    # gloo; next to NCCL it is a gloo side group, made once here since making a group is itself collective.
+    cpu_group: object = None
 
     @property
     def is_main(self) -> bool:
@@ -57,7 +60,8 @@ def init_distributed() -> Placement:
     if on_gpu:
         torch.cuda.set_device(local_rank)
     device = torch.device("cuda", local_rank) if on_gpu else torch.device("cpu")
-    return Placement(rank=rank, world_size=world, local_rank=local_rank, device=device)
+    cpu_group = torch.distributed.new_group(backend="gloo") if on_gpu else None
+    return Placement(rank=rank, world_size=world, local_rank=local_rank, device=device, cpu_group=cpu_group)
 
 
 def _unlink_shm_buffer(rank: int) -> None:

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from distil_scale.checkpoint import COMPLETE, latest_tag
+from distil_scale.checkpoint import COMPLETE, complete_tags, damage, newest_intact
 from distil_scale.config import ConfigError
 from distil_scale.models import check_vocab, error_line
 
@@ -38,18 +38,22 @@ MODEL_CONFIG_FILE = "model_config.json"
 
 
 def resolve_checkpoint(checkpoint_dir: str) -> tuple[Path, str]:
-    """(save_dir, tag) for a save dir (its `latest`, else newest COMPLETE tag) or one tag directory inside it."""
+    """(save_dir, tag) for a save dir (its `latest`, else its newest COMPLETE tag) or one tag directory inside it.
+
+    The tag's files are verified against its manifest first: from a save dir a damaged tag is passed over (with a
+    warning naming the file) for the newest intact one; a damaged tag named directly is refused.
+    """
     path = Path(checkpoint_dir)
     if not path.is_dir():
         raise ConfigError(f"export: no checkpoint directory at {path}")
     latest = path / "latest"
-    newest_complete = latest_tag(str(path))
-    if latest.is_file():  # training writes it only once the tag is COMPLETE on every rank
-        save_dir, tag = path, latest.read_text().strip()
-    elif newest_complete is not None:  # a crash between the COMPLETE marker and `latest`
-        save_dir, tag = path, newest_complete
+    if latest.is_file() or complete_tags(str(path)):
+        save_dir, tag = path, _intact_tag(path, latest.read_text().strip() if latest.is_file() else None)
     else:
         save_dir, tag = path.parent, path.name
+        problem = damage(str(path)) if (path / COMPLETE).is_file() else None
+        if problem:
+            raise ConfigError(f"export: checkpoint {path} is damaged: {problem}")
     tag_dir = save_dir / tag
     if not tag_dir.is_dir() or not any(tag_dir.glob("*model_states.pt")):
         raise ConfigError(f"export: {tag_dir} holds no DeepSpeed checkpoint (no *model_states.pt)")
@@ -58,6 +62,19 @@ def resolve_checkpoint(checkpoint_dir: str) -> tuple[Path, str]:
     if not (tag_dir / COMPLETE).is_file():
         warnings.warn(f"export: {tag_dir} has no {COMPLETE} marker; it may be a partial checkpoint", stacklevel=2)
     return save_dir, tag
+
+
+def _intact_tag(save_dir: Path, latest: str | None) -> str:
+    """The tag `latest` names (training writes it once the tag is COMPLETE) if it verifies, else the newest
+    complete tag that does."""
+    if latest and (save_dir / latest / COMPLETE).is_file() and damage(str(save_dir / latest)) is None:
+        return latest
+    tag, passed = newest_intact(str(save_dir))
+    for problem in passed:
+        warnings.warn(f"export: passing over a damaged checkpoint: {problem}", stacklevel=3)
+    if tag is None and passed:
+        raise ConfigError(f"export: every complete checkpoint in {save_dir} is damaged; the newest: {passed[0]}")
+    return tag or latest
 
 
 def consolidated_state_dict(save_dir: Path, tag: str) -> dict[str, torch.Tensor]:

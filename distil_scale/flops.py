@@ -78,9 +78,11 @@ def forward_flops(config: Any, tokens: int, seq_len: int, *, lm_head: bool = Tru
     return tokens * (layers * per_layer + head)
 
 
-def step_flops(teacher_config: Any, student_config: Any, tokens: int, seq_len: int) -> int:
-    """Model FLOPs of one distillation micro-step: teacher forward + student forward and backward (3 x forward)."""
-    return forward_flops(teacher_config, tokens, seq_len) + 3 * forward_flops(student_config, tokens, seq_len)
+def step_flops(teacher_config: Any | None, student_config: Any, tokens: int, seq_len: int) -> int:
+    """Model FLOPs of one distillation micro-step: teacher forward (none without a teacher) + student forward and
+    backward (3 x forward)."""
+    teacher = 0 if teacher_config is None else forward_flops(teacher_config, tokens, seq_len)
+    return teacher + 3 * forward_flops(student_config, tokens, seq_len)
 
 
 def mfu(flops: float, seconds: float, peak_flops: float | None) -> float | None:

@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForMaskedLM
 
 from distil_scale.config import Config, ConfigError
 from distil_scale.data.corpus import write_synthetic_corpus
-from distil_scale.data.position import DataOrigin
+from distil_scale.data.position import DataState
 from distil_scale.data.shards import Manifest, prepare, read_manifest
 from distil_scale.data.tokenizer import load_tokenizer, train_wordpiece
 from distil_scale.engine import Placement, partition_teacher, resolve_dtype
@@ -140,9 +140,9 @@ def build_models(cfg: Config, placement: Placement):
     return teacher, student.to(placement.device), manifest
 
 
-def make_batches(cfg: Config, manifest: Manifest, placement: Placement, *, origin: DataOrigin, skip_batches: int):
+def make_batches(cfg: Config, manifest: Manifest, placement: Placement, data: DataState, *, step: int, accum: int):
     """This rank's endless, deterministic, resumable stream of masked micro-batches: the plan that started at
-    `origin`, less the `skip_batches` batches it already made."""
+    `data.origin`, less the batches it already made up to optimizer step `step`."""
     from distil_scale.data.masking import Masker
     from distil_scale.data.stream import BatchStream, make_loader
 
@@ -156,10 +156,10 @@ def make_batches(cfg: Config, manifest: Manifest, placement: Placement, *, origi
         micro_batch_size=cfg.train.micro_batch_size,
         masker=masker,
         pad_id=manifest.special_ids["pad"],
-        start_epoch=origin.position.start_epoch,
-        consumed=origin.position.consumed,
-        origin=origin.step,
-        skip_batches=skip_batches,
+        start_epoch=data.origin.position.start_epoch,
+        consumed=data.origin.position.consumed,
+        origin=data.origin.step,
+        skip_batches=data.skip_batches(step, accum),
         shuffle_buffer=cfg.data.shuffle_buffer,
         group_batches=cfg.data.group_batches,
     )

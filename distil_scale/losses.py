@@ -23,16 +23,21 @@ then be None (an MLM-only teacher run, or the from-scratch baseline with alpha_k
 `loss.impl: fused` computes the same terms with the `kernels` package instead: `head_loss` makes the function
 the student's vocabulary projection runs in place of its logits (see models.projection_replaced), fusing both
 LM heads into `linear_kd_mlm_loss`, and `fused_triple_loss` adds the cosine term and the weights.
+
+`eager_terms` and `fused_terms` run the teacher and the student (or its engine) on one micro-batch and return
+its LossTerms, the way training does; the step benchmark calls them too.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from distil_scale.models import LMHeadInput
+from distil_scale.config import LossConfig
+from distil_scale.models import LMHeadInput, lm_head_input, mlm_outputs, projection_replaced
 from kernels import IGNORE_INDEX, cosine_loss, linear_kd_mlm_loss
 
 
@@ -197,3 +202,69 @@ def fused_triple_loss(
         cos = cosine_loss(student_hidden, teacher_hidden, attention_mask)
     total = alpha_kd * kd + alpha_mlm * mlm + alpha_cos * cos
     return LossTerms(total=total, kd=kd, mlm=mlm, cos=cos)
+
+
+def eager_terms(student, teacher, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, loss: LossConfig):
+    """LossTerms of one micro-batch from both models' full (B, L, V) logits: the reference path."""
+    t_logits = t_hidden = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits, t_hidden = mlm_outputs(teacher, ids, mask)
+    s_logits, s_hidden = mlm_outputs(student, ids, mask)
+    return triple_loss(
+        s_logits,
+        t_logits,
+        labels,
+        mask,
+        s_hidden,
+        t_hidden,
+        temperature=loss.temperature,
+        alpha_kd=loss.alpha_kd,
+        alpha_mlm=loss.alpha_mlm,
+        alpha_cos=loss.alpha_cos,
+        restrict_kd_to_mlm=loss.restrict_kd_to_mlm,
+    )
+
+
+def fused_terms(student, teacher, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, loss: LossConfig):
+    """The same terms with no (B, L, V) logits: the LM heads run inside the fused kernels.
+
+    The student still runs through its own forward (a DeepSpeed engine's hooks and backward prologue), with its
+    vocabulary projection swapped for the fused head loss; see models.projection_replaced.
+    """
+    t_head = None
+    if teacher is not None:
+        with torch.no_grad():
+            t_head = lm_head_input(teacher, ids, mask)
+    fn = head_loss(
+        t_head,
+        labels,
+        mask,
+        temperature=loss.temperature,
+        alpha_kd=loss.alpha_kd,
+        alpha_mlm=loss.alpha_mlm,
+        restrict_kd_to_mlm=loss.restrict_kd_to_mlm,
+    )
+    # A partitioned teacher's vocabulary projection is gathered for the student's forward, where the fused loss
+    # uses it (the fused backward does not).
+    with gathered(t_head), projection_replaced(student, fn):
+        out = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    return fused_triple_loss(
+        out.logits,
+        mask,
+        out.hidden_states[-1],
+        None if t_head is None else t_head.last_hidden,
+        alpha_kd=loss.alpha_kd,
+        alpha_mlm=loss.alpha_mlm,
+        alpha_cos=loss.alpha_cos,
+    )
+
+
+def gathered(head: LMHeadInput | None):
+    """Gathers a ZeRO-3 teacher's head weights for the block; nothing to do (and no DeepSpeed import) otherwise."""
+    params = [] if head is None else [p for p in (head.weight, head.bias) if p is not None and hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)

@@ -1,7 +1,9 @@
 """The training loop, top to bottom: batch -> teacher (no grad) -> student -> triple loss -> backward -> step.
 
 `train(cfg)` is what `deepspeed cluster/launch.py --config X.yaml`, `python cluster/launch.py ...` and
-`distil-scale train ...` run on every rank. Device syncs happen only at the log interval.
+`distil-scale train ...` run on every rank. `setup` builds the run and resumes it (the Checkpointer restores the
+engine, TrainState and DataState); each step is `train_step`, then `log_interval` and `save` when due. Device
+syncs happen at the log interval, plus one small flag per micro-batch (whether its loss was finite).
 """
 
 from __future__ import annotations
@@ -9,35 +11,53 @@ from __future__ import annotations
 import os
 import signal
 import time
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.distributed as dist
 import transformers
 
-from distil_scale import checkpoint
+from distil_scale.checkpoint import Checkpointer
 from distil_scale.config import Config, save_config
-from distil_scale.data.position import DataOrigin, DataPosition
+from distil_scale.data.position import DataState
 from distil_scale.data.stream import close_loader
 from distil_scale.engine import Placement, build_engine, init_distributed, resolve_dtype, unwrapped
-from distil_scale.flops import forward_flops, peak_flops
+from distil_scale.flops import mfu, peak_flops, step_flops
 from distil_scale.inputs import build_models, ensure_inputs, make_batches, tokenizer_dir
-from distil_scale.losses import LossTerms, fused_triple_loss, head_loss, triple_loss
+from distil_scale.losses import eager_terms, fused_terms
 from distil_scale.metrics import AuditLog, Clock, open_sinks
-from distil_scale.models import lm_head_input, mlm_outputs, projection_replaced
+
+
+@dataclass
+class TrainState:
+    """The loop's counters: what `training_state.json` holds besides the world and the data origin."""
+
+    step: int = 0
+    epoch: int = 0
+    samples: int = 0
+    tokens: int = 0  # real (non-padding) tokens, summed over ranks
+    elapsed_s: float = 0.0  # training time over every run of this output_dir
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            setattr(self, f.name, type(f.default)(state[f.name]))
 
 
 class StopSignals:
     """Records SIGTERM / SIGUSR1 (a preemption notice) so that the loop checkpoints at the next step and stops.
 
-    `agreed()` is one all-reduce of one integer over a gloo group (the default group on CPU, a side group next
-    to NCCL), so every rank stops after the same step even when only some of them got the signal.
+    `agreed()` is one all-reduce of one integer over the CPU group, so every rank stops after the same step even
+    when only some of them got the signal.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self) -> None:
+    def __init__(self, group) -> None:
         self.received = 0
-        self.group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        self.group = group
         self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
 
     def _record(self, signum: int, frame) -> None:
@@ -54,81 +74,183 @@ class StopSignals:
             signal.signal(signum, handler)
 
 
-_MODEL_INPUTS = ("input_ids", "attention_mask", "labels")
+class IntervalSums:
+    """What the loop adds up between two log rows, on the device: reduced over ranks once, at the log step.
 
-
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: batch[k].to(device, non_blocking=True) for k in _MODEL_INPUTS}
-
-
-def _eager_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
-    t_logits = t_hidden = None
-    if teacher is not None:
-        with torch.no_grad():
-            t_logits, t_hidden = mlm_outputs(teacher, ids, mask)
-    s_logits, s_hidden = mlm_outputs(engine, ids, mask)
-    loss = cfg.loss
-    return triple_loss(
-        s_logits,
-        t_logits,
-        labels,
-        mask,
-        s_hidden,
-        t_hidden,
-        temperature=loss.temperature,
-        alpha_kd=loss.alpha_kd,
-        alpha_mlm=loss.alpha_mlm,
-        alpha_cos=loss.alpha_cos,
-        restrict_kd_to_mlm=loss.restrict_kd_to_mlm,
-    )
-
-
-def _fused_terms(engine, teacher, ids, mask, labels, cfg: Config) -> LossTerms:
-    """The same terms with no (B, L, V) logits: the LM heads run inside the fused kernels.
-
-    The student still runs through engine(...) (DeepSpeed's forward hooks and backward prologue), with its
-    vocabulary projection swapped for the fused head loss; see models.projection_replaced.
+    The loss terms are summed in fp32 (as they come), the counts in fp64 so that token counts stay exact.
     """
-    t_head = None
-    if teacher is not None:
-        with torch.no_grad():
-            t_head = lm_head_input(teacher, ids, mask)
-    loss = cfg.loss
-    fn = head_loss(
-        t_head,
-        labels,
-        mask,
-        temperature=loss.temperature,
-        alpha_kd=loss.alpha_kd,
-        alpha_mlm=loss.alpha_mlm,
-        restrict_kd_to_mlm=loss.restrict_kd_to_mlm,
-    )
-    # A partitioned teacher's vocabulary projection is gathered for the student's forward, where the fused loss
-    # uses it (the fused backward does not).
-    with _gathered(t_head), projection_replaced(engine, fn):
-        out = engine(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-    return fused_triple_loss(
-        out.logits,
-        mask,
-        out.hidden_states[-1],
-        None if t_head is None else t_head.last_hidden,
-        alpha_kd=loss.alpha_kd,
-        alpha_mlm=loss.alpha_mlm,
-        alpha_cos=loss.alpha_cos,
-    )
+
+    TERMS = ("loss", "kd", "mlm", "cos")
+    COUNTS = ("tokens", "good", "skipped", "flops")
+
+    def __init__(self, device: torch.device):
+        self.terms = torch.zeros(len(self.TERMS), dtype=torch.float32, device=device)
+        self.counts = torch.zeros(len(self.COUNTS), dtype=torch.float64, device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.terms.zero_()
+        self.counts.zero_()
+        self.micro_batches, self.flops, self.start = 0, 0.0, time.perf_counter()
+
+    def add(self, terms: torch.Tensor, mask: torch.Tensor, *, good: bool, skipped: int, flops: float) -> None:
+        """One micro-batch: its (loss, kd, mlm, cos) (zeros if not finite), its attention mask and counts."""
+        self.terms += terms
+        self.counts[0] += mask.sum()
+        self.counts[1] += float(good)
+        self.counts[2] += skipped
+        self.micro_batches += 1
+        self.flops += flops  # counted on the host
+
+    def reduce(self) -> dict[str, float]:
+        """Collective: the interval's sums over every rank, by field name (the loop's one per-interval sync)."""
+        self.counts[3] = self.flops
+        dist.all_reduce(self.terms)
+        dist.all_reduce(self.counts)
+        return dict(zip(self.TERMS + self.COUNTS, self.terms.tolist() + self.counts.tolist()))
 
 
-def _gathered(head):
-    """Gathers a ZeRO-3 teacher's head weights for the block (nothing to do for a replicated teacher)."""
-    import deepspeed
-
-    params = [] if head is None else [p for p in (head.weight, head.bias) if hasattr(p, "ds_id")]
-    return deepspeed.zero.GatheredParameters(params, enabled=bool(params))
+class Diverged(RuntimeError):
+    """The loss stayed non-finite for train.max_nonfinite_steps steps in a row."""
 
 
-# What micro_step returns and the loop sums per log interval (and all-reduces there).
-_TOTAL, _KD, _MLM, _COS, _TOKENS, _GOOD, _SKIPPED = range(7)
-_FLOPS = _SKIPPED + 1  # model FLOPs of the interval (see distil_scale.flops), counted on the host
+@dataclass
+class Run:
+    """Everything one training run holds while it runs."""
+
+    cfg: Config
+    placement: Placement
+    engine: object
+    teacher: object
+    checkpointer: Checkpointer
+    state: TrainState
+    data: DataState
+    batches: object
+    accum: int
+    sums: IntervalSums
+    signals: StopSignals
+    clock: Clock
+    manifest: object
+    peak_flops: float | None
+    sink: object = None
+    audit: AuditLog | None = None
+    lr: float = 0.0
+
+    def close(self) -> None:
+        close_loader(self.batches)
+        self.signals.restore()
+        for log in (self.sink, self.audit):
+            if log is not None:
+                log.close()
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) one training run; returns the last metrics row (on every rank)."""
+    run = setup(cfg)
+    row, stop, nonfinite, start_step = {}, 0, 0, run.state.step
+    run.engine.train()
+    try:
+        while run.state.step < cfg.train.max_steps and not stop:
+            bad = train_step(run)
+            stop, bad = run.signals.agreed(int(bad))
+            nonfinite = nonfinite + 1 if bad else 0
+            step, diverged = run.state.step, nonfinite >= cfg.train.max_nonfinite_steps
+            last = step == cfg.train.max_steps or stop or diverged
+            if step % cfg.log.every_steps == 0 or last:
+                row = log_interval(run, steps_this_run=step - start_step)
+            if diverged:
+                break
+            if (step % cfg.checkpoint.every_steps == 0 or last) and not bad:
+                save(run)
+    finally:
+        run.close()
+    if nonfinite >= cfg.train.max_nonfinite_steps:
+        raise Diverged(
+            f"the loss was not finite for {nonfinite} steps in a row (steps {run.state.step - nonfinite + 1}-"
+            f"{run.state.step}); stopped without saving them. The newest complete checkpoint is "
+            f"{run.checkpointer.latest() or 'none'}: lower optim.peak_lr or check the data, then run again to resume"
+        )
+    if stop:
+        _say(run, f"{signal.Signals(stop).name} received: saved a checkpoint at step {run.state.step} in "
+                  f"{run.checkpointer.save_dir} and stopped; run the same command again to resume")  # fmt: skip
+    elif cfg.checkpoint.export:
+        export(run)
+    return row
+
+
+def setup(cfg: Config) -> Run:
+    """Join the process group, make missing inputs, build teacher, student and engine, and resume."""
+    placement = init_distributed()
+    transformers.utils.logging.disable_progress_bar()  # weight-loading bars on every rank drown the progress line
+    if placement.is_main:
+        os.makedirs(cfg.run.output_dir, exist_ok=True)
+        ensure_inputs(cfg)
+    dist.barrier()
+    teacher, student, manifest = build_models(cfg, placement)
+    state = TrainState()
+    data = DataState(sum(manifest.samples("train")), _data_plan(cfg, placement))
+    checkpointer = Checkpointer(cfg, placement, train=state, data=data)
+    engine, ds_config = build_engine(student, cfg, placement, load_universal=checkpointer.universal)
+    checkpointer.load(engine)
+    accum = ds_config["gradient_accumulation_steps"]
+    if placement.is_main:
+        save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
+    _announce(cfg, placement, engine, accum, checkpointer, data)
+    batches = iter(make_batches(cfg, manifest, placement, data, step=state.step, accum=accum))
+    run = Run(cfg, placement, engine, teacher, checkpointer, state, data, batches, accum,
+              IntervalSums(placement.device), StopSignals(placement.cpu_group), Clock(state.elapsed_s), manifest,
+              _peak(cfg, placement))  # fmt: skip
+    if placement.is_main:
+        run.sink = open_sinks(cfg.run.output_dir, max_steps=cfg.train.max_steps, tensorboard=cfg.log.tensorboard,
+                              resumed_step=state.step)  # fmt: skip
+    if cfg.data.audit:
+        run.audit = AuditLog(cfg.run.output_dir, placement.rank, world_size=placement.world_size,
+                             keep_until_step=state.step)  # fmt: skip
+    return run
+
+
+def train_step(run: Run) -> bool:
+    """One optimizer step of `accum` micro-batches; returns whether any of their losses was not finite."""
+    cfg, device = run.cfg, run.placement.device
+    # The rate this step's update uses (the scheduler advances inside the boundary engine.step()).
+    run.lr = run.engine.optimizer.param_groups[0]["lr"]
+    keys: dict[int, list[str]] = {}  # epoch -> the keys trained on; a step may straddle two epochs
+    bad = False
+    for _ in range(run.accum):
+        batch = next(run.batches)
+        ids, mask, labels = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels"))
+        terms, good = micro_step(run.engine, run.teacher, ids, mask, labels, cfg)
+        flops = step_flops(_config(run.teacher), run.engine.module.config, ids.numel(), ids.shape[1])
+        run.sums.add(terms, mask, good=good, skipped=batch.get("skipped", 0), flops=flops)
+        bad |= not good
+        run.state.epoch = batch["epoch"]
+        run.data.mark(batch["epoch"], batch["sample_ids"])
+        keys.setdefault(batch["epoch"], []).extend(batch["keys"])
+    run.state.step += 1
+    run.state.samples += cfg.train.sequences_per_step
+    if run.audit is not None:
+        run.audit.write(run.state.step, keys)
+    return bad
+
+
+def micro_step(engine, teacher, ids, mask, labels, cfg: Config) -> tuple[torch.Tensor, bool]:
+    """Forward + backward of one micro-batch: (detached (loss, kd, mlm, cos), whether its loss was finite).
+
+    A micro-batch whose loss is not finite contributes nothing to its step; checking that is one host sync.
+    """
+    terms_of = fused_terms if cfg.loss.impl == "fused" else eager_terms
+    terms = terms_of(engine, teacher, ids, mask, labels, cfg.loss)
+    parts = torch.stack([terms.total, terms.kd, terms.mlm, terms.cos]).detach().float()
+    good = bool(torch.isfinite(terms.total))
+    # DeepSpeed divides by the accumulation steps itself and only steps the optimizer at the boundary.
+    if good:
+        engine.backward(terms.total)
+    else:
+        del terms
+        parts = torch.zeros_like(parts)
+        _zero_backward(engine, ids)
+    engine.step()
+    return parts, good
 
 
 def _zero_backward(engine, ids: torch.Tensor) -> None:
@@ -142,79 +264,56 @@ def _zero_backward(engine, ids: torch.Tensor) -> None:
     engine.backward(out.logits.float().sum() * 0.0)
 
 
-def micro_step(engine, teacher, batch: dict, cfg: Config, *, skipped: int = 0) -> tuple[torch.Tensor, bool]:
-    """Forward + backward of one micro-batch: (the detached sums row, see _TOTAL ..., whether its loss was finite).
-
-    A micro-batch whose loss is not finite contributes nothing to its step; checking that is one host sync.
-    `skipped` is how many of the batch's rows stand in for unreadable samples (the stream's count).
-    """
-    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    terms_of = _fused_terms if cfg.loss.impl == "fused" else _eager_terms
-    terms = terms_of(engine, teacher, ids, mask, labels, cfg)
-    parts = torch.stack([terms.total, terms.kd, terms.mlm, terms.cos]).detach().float()
-    good = bool(torch.isfinite(terms.total))
-    # DeepSpeed divides by the accumulation steps itself and only steps the optimizer at the boundary.
-    if good:
-        engine.backward(terms.total)
-    else:
-        del terms
-        parts = torch.zeros_like(parts)
-        _zero_backward(engine, ids)
-    engine.step()
-    counts = parts.new_tensor([float(good), float(skipped)])
-    return torch.cat([parts, mask.sum().float().reshape(1), counts]), good
-
-
-def _log_row(
-    sums: torch.Tensor,
-    *,
-    micro_batches: int,
-    state: dict,
-    engine,
-    lr: float,
-    clock: Clock,
-    span_s: float,
-    peak_flops: float | None,
-):
-    """Reduce the interval's sums over ranks: the loop's only device sync besides the per-micro-batch check."""
-    dist.all_reduce(sums)
-    values = sums.tolist()
-    world = dist.get_world_size()
-    flops_per_gpu = values[_FLOPS] / world / max(span_s, 1e-9)
-    n = values[_GOOD] or float("nan")  # no finite micro-batch in the interval: the losses are unknown, not 0
-    grad_norm = engine.get_global_grad_norm()
-    return {
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "samples": state["samples"],
-        "tokens": state["tokens"],
-        "loss": values[_TOTAL] / n,
-        "kd": values[_KD] / n,
-        "mlm": values[_MLM] / n,
-        "cos": values[_COS] / n,
-        "lr": lr,
+def log_interval(run: Run, *, steps_this_run: int) -> dict:
+    """Reduce the interval over ranks, write one metrics row (rank 0) and start the next interval."""
+    sums, state, world = run.sums, run.state, run.placement.world_size
+    span_s = max(time.perf_counter() - sums.start, 1e-9)
+    total = sums.reduce()
+    state.tokens += int(total["tokens"])
+    n = total["good"] or float("nan")  # no finite micro-batch in the interval: the losses are unknown, not 0
+    grad_norm = run.engine.get_global_grad_norm()
+    flops_per_device = total["flops"] / world / span_s
+    row = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "samples": state.samples,
+        "tokens": state.tokens,
+        **{key: total[key] / n for key in ("loss", "kd", "mlm", "cos")},
+        "lr": run.lr,
         "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-        "tokens_per_s": values[_TOKENS] / max(span_s, 1e-9),
-        "samples_per_s": micro_batches * engine.train_micro_batch_size_per_gpu() * dist.get_world_size() / span_s,
-        "nonfinite_micro_batches": int(micro_batches * dist.get_world_size() - values[_GOOD]),
-        "skipped_samples": int(values[_SKIPPED]),
-        "model_tflops": flops_per_gpu / 1e12,  # per accelerator
-        "mfu": None if peak_flops is None else flops_per_gpu / peak_flops,
-        "elapsed_s": clock.elapsed(),
+        "tokens_per_s": total["tokens"] / span_s,
+        "samples_per_s": sums.micro_batches * run.cfg.train.micro_batch_size * world / span_s,
+        "nonfinite_micro_batches": int(sums.micro_batches * world - total["good"]),
+        "skipped_samples": int(total["skipped"]),
+        "model_tflops": flops_per_device / 1e12,
+        "mfu": mfu(total["flops"] / world, span_s, run.peak_flops),
+        "elapsed_s": run.clock.elapsed(),
+        "steps_this_run": steps_this_run,
     }
+    if run.sink is not None:
+        run.sink.write(row)
+    sums.reset()
+    return row
 
 
-def _flop_counter(teacher, student_config):
-    """Model FLOPs of one micro-batch of shape (B, L): teacher forward + student forward and backward."""
-    teacher_config = None if teacher is None else unwrapped(teacher).config
+def save(run: Run) -> None:
+    """Checkpoint the step reached, unless the weights went non-finite (then say so and skip)."""
+    if not _weights_finite(run.engine, run.placement.cpu_group):
+        _say(run, f"step {run.state.step}: the weights are not finite; no checkpoint")
+        return
+    run.state.elapsed_s = run.clock.elapsed()
+    run.checkpointer.save(run.state.step)
 
-    def count(batch: int, length: int) -> float:
-        total = 3 * forward_flops(student_config, batch * length, length)
-        if teacher_config is not None:
-            total += forward_flops(teacher_config, batch * length, length)
-        return float(total)
 
-    return count
+def export(run: Run) -> None:
+    """Rank 0 consolidates the newest (ZeRO-sharded) checkpoint into a Hugging Face directory."""
+    if run.placement.is_main:
+        from distil_scale.export import export_student
+
+        out = os.path.join(run.cfg.run.output_dir, "export")
+        export_student(run.checkpointer.save_dir, out, tokenizer_dir=tokenizer_dir(run.cfg, run.manifest))
+        print(f"distil-scale: exported the student to {out}", flush=True)
+    dist.barrier()
 
 
 def _weights_finite(engine, group) -> bool:
@@ -225,26 +324,15 @@ def _weights_finite(engine, group) -> bool:
     return bool(flag.item())
 
 
-class Diverged(RuntimeError):
-    """The loss stayed non-finite for train.max_nonfinite_steps steps in a row."""
+def _config(teacher):
+    return None if teacher is None else unwrapped(teacher).config
 
 
-def _announce(cfg: Config, placement: Placement, engine, accum: int, resumed: tuple | None) -> None:
-    if not placement.is_main:
-        return
-    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size
-    where = f"resuming from {os.path.join(*resumed)}" if resumed else "starting fresh"
-    extras = []
-    if cfg.train.activation_checkpointing:
-        extras.append("activation checkpointing")
-    if cfg.teacher.partition and cfg.uses_teacher_outputs:
-        extras.append("teacher partitioned (ZeRO-3" + (", offloaded to CPU)" if cfg.teacher.offload else ")"))
-    print(
-        f"distil-scale: {placement.world_size} rank(s) on {placement.device.type} | ZeRO {cfg.train.zero_stage} | "
-        f"{cfg.train.sequences_per_step} seq/step = {cfg.train.micro_batch_size} x {accum} accum x "
-        f"{placement.world_size} | {n_params / 1e6:.1f}M student params | {' | '.join([*extras, where])}",
-        flush=True,
-    )
+def _peak(cfg: Config, placement: Placement) -> float | None:
+    if placement.device.type != "cuda" and cfg.log.peak_tflops is None:
+        return None
+    override = None if cfg.log.peak_tflops is None else cfg.log.peak_tflops * 1e12
+    return peak_flops(resolve_dtype(cfg.train.precision, placement.device), override=override)
 
 
 def _data_plan(cfg: Config, placement: Placement) -> dict:
@@ -260,182 +348,27 @@ def _data_plan(cfg: Config, placement: Placement) -> dict:
     }
 
 
-def _announce_resplit(placement: Placement, old: dict, new: dict, position: DataPosition) -> None:
+def _say(run: Run, message: str) -> None:
+    if run.placement.is_main:
+        print(f"distil-scale: {message}", flush=True)
+
+
+def _announce(cfg: Config, placement: Placement, engine, accum: int, checkpointer: Checkpointer, data) -> None:
     if not placement.is_main:
         return
-    changed = ", ".join(f"{key} {old.get(key)} -> {value}" for key, value in new.items() if old.get(key) != value)
-    left = ", ".join(
-        f"epoch {epoch}: {position.num_samples - int(mask.sum())} of {position.num_samples}"
-        for epoch, mask in position.consumed.items()
-    )
+    if data.resplit:
+        print(f"distil-scale: {data.resplit}", flush=True)
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())  # ZeRO-3: full size
+    resumed = checkpointer.resumed
+    where = f"resuming from {os.path.join(*resumed)}" if resumed else "starting fresh"
+    extras = []
+    if cfg.train.activation_checkpointing:
+        extras.append("activation checkpointing")
+    if cfg.teacher.partition and cfg.uses_teacher_outputs:
+        extras.append("teacher partitioned (ZeRO-3" + (", offloaded to CPU)" if cfg.teacher.offload else ")"))
     print(
-        f"distil-scale: the data plan changed ({changed}); re-splitting from epoch {position.start_epoch} over the "
-        f"samples not yet trained on ({left or 'a fresh epoch'})",
+        f"distil-scale: {placement.world_size} rank(s) on {placement.device.type} | ZeRO {cfg.train.zero_stage} | "
+        f"{cfg.train.sequences_per_step} seq/step = {cfg.train.micro_batch_size} x {accum} accum x "
+        f"{placement.world_size} | {n_params / 1e6:.1f}M student params | {' | '.join([*extras, where])}",
         flush=True,
     )
-
-
-def train(cfg: Config) -> dict:
-    """Run (or resume) one training run; returns the last metrics row (on every rank)."""
-    placement = init_distributed()
-    # Weight-loading progress bars on every rank drown the progress line.
-    transformers.utils.logging.disable_progress_bar()
-    if placement.is_main:
-        os.makedirs(cfg.run.output_dir, exist_ok=True)
-        ensure_inputs(cfg)
-    dist.barrier()
-    teacher, student, manifest = build_models(cfg, placement)
-    save_dir = os.path.join(cfg.run.output_dir, "checkpoints")
-    resumed = checkpoint.resolve(save_dir, cfg.train.resume)
-    saved = checkpoint.training_state(*resumed) if resumed else {}
-    universal = bool(resumed) and checkpoint.prepare_load(
-        *resumed, saved, world_size=placement.world_size, zero_stage=cfg.train.zero_stage
-    )
-    engine, ds_config = build_engine(student, cfg, placement, load_universal=universal)
-    accum = ds_config["gradient_accumulation_steps"]
-    state = {"step": 0, "epoch": 0, "samples": 0, "tokens": 0, "elapsed_s": 0.0}
-    plan = _data_plan(cfg, placement)
-    position = DataPosition(sum(manifest.samples("train")))
-    origin = DataOrigin(0, plan, position.copy())
-    if resumed:
-        same_world = saved["world_size"] == placement.world_size
-        checkpoint.load(engine, *resumed, universal=universal, restore_rng=same_world)
-        state = saved
-        if not same_world:  # the saved RNG states belong to other ranks: a fresh stream per (step, rank)
-            torch.manual_seed(cfg.run.seed + 1 + placement.rank + state["step"] * 7919)
-        origin, position = checkpoint.load_data(*resumed, state, num_samples=position.num_samples)
-        if origin.plan != plan:
-            _announce_resplit(placement, origin.plan, plan, position)
-            origin = DataOrigin(state["step"], plan, position.copy())
-    else:
-        # Dropout differs across ranks; checkpoints carry each rank's RNG from here on.
-        torch.manual_seed(cfg.run.seed + 1 + placement.rank)
-    if placement.is_main:
-        save_config(cfg, os.path.join(cfg.run.output_dir, "config.yaml"))
-    _announce(cfg, placement, engine, accum, resumed)
-    skip_batches = (state["step"] - origin.step) * accum
-    batches = iter(make_batches(cfg, manifest, placement, origin=origin, skip_batches=skip_batches))
-    sink = None
-    if placement.is_main:
-        sink = open_sinks(
-            cfg.run.output_dir,
-            max_steps=cfg.train.max_steps,
-            tensorboard=cfg.log.tensorboard,
-            resumed_step=state["step"],
-        )
-    audit = None
-    if cfg.data.audit:
-        audit = AuditLog(
-            cfg.run.output_dir, placement.rank, world_size=placement.world_size, keep_until_step=state["step"]
-        )
-    clock, start_step = Clock(state["elapsed_s"]), state["step"]
-    row = {}
-    sums = torch.zeros(_FLOPS + 1, device=placement.device)
-    count_flops, span_flops = _flop_counter(teacher, engine.module.config), 0.0
-    peak = None
-    if placement.device.type == "cuda" or cfg.log.peak_tflops is not None:
-        override = None if cfg.log.peak_tflops is None else cfg.log.peak_tflops * 1e12
-        peak = peak_flops(resolve_dtype(cfg.train.precision, placement.device), override=override)
-    span_start, span_micro = time.perf_counter(), 0
-    signals = StopSignals()
-    stop = nonfinite_run = 0
-    engine.train()
-    try:
-        while state["step"] < cfg.train.max_steps and not stop:
-            # The rate this step's update uses (the scheduler advances inside the boundary engine.step()).
-            lr = engine.optimizer.param_groups[0]["lr"]
-            keys: dict[int, list[str]] = {}  # epoch -> the keys trained on; a step may straddle two epochs
-            bad_step = False
-            for _ in range(accum):
-                batch = next(batches)
-                row_sums, good = micro_step(
-                    engine, teacher, _to(batch, placement.device), cfg, skipped=batch.get("skipped", 0)
-                )
-                sums[:_FLOPS] += row_sums
-                span_flops += count_flops(*batch["input_ids"].shape)
-                bad_step |= not good
-                state["epoch"] = batch["epoch"]
-                position.mark(batch["epoch"], batch["sample_ids"])
-                keys.setdefault(batch["epoch"], []).extend(batch["keys"])
-                span_micro += 1
-            state["step"] += 1
-            state["samples"] += cfg.train.sequences_per_step
-            step = state["step"]
-            if audit is not None:
-                audit.write(step, keys)
-            stop, bad_step = signals.agreed(int(bad_step))
-            nonfinite_run = nonfinite_run + 1 if bad_step else 0
-            last = step == cfg.train.max_steps or stop or nonfinite_run >= cfg.train.max_nonfinite_steps
-            if step % cfg.log.every_steps == 0 or last:
-                tokens_before = state["tokens"]
-                sums[_FLOPS] = span_flops
-                row = _log_row(
-                    sums,
-                    micro_batches=span_micro,
-                    state=state,
-                    engine=engine,
-                    lr=lr,
-                    clock=clock,
-                    span_s=time.perf_counter() - span_start,
-                    peak_flops=peak,
-                )
-                state["tokens"] = tokens_before + int(sums[_TOKENS].item())
-                row["tokens"], row["steps_this_run"] = state["tokens"], step - start_step
-                if sink is not None:
-                    sink.write(row)
-                sums.zero_()
-                span_start, span_micro, span_flops = time.perf_counter(), 0, 0.0
-            if nonfinite_run >= cfg.train.max_nonfinite_steps:
-                break
-            if (step % cfg.checkpoint.every_steps == 0 or last) and not bad_step:
-                if not _weights_finite(engine, signals.group):
-                    if placement.is_main:
-                        print(f"distil-scale: step {step}: the weights are not finite; no checkpoint", flush=True)
-                    continue
-                state["elapsed_s"] = clock.elapsed()
-                position.agree(signals.group)
-                checkpoint.save(
-                    engine,
-                    save_dir,
-                    step=step,
-                    state=dict(state),
-                    data=(origin, position),
-                    cfg=cfg,
-                    model_config=engine.module.config,
-                    keep_last=cfg.checkpoint.keep_last,
-                )
-    finally:
-        close_loader(batches)
-        signals.restore()
-        for log in (sink, audit):
-            if log is not None:
-                log.close()
-    if nonfinite_run >= cfg.train.max_nonfinite_steps:
-        last_good = checkpoint.latest_tag(save_dir)
-        raise Diverged(
-            f"the loss was not finite for {nonfinite_run} steps in a row (steps {state['step'] - nonfinite_run + 1}-"
-            f"{state['step']}); stopped without saving them. The newest complete checkpoint is "
-            f"{last_good or 'none'}: lower optim.peak_lr or check the data, then run again to resume from it"
-        )
-    if stop:
-        if placement.is_main:
-            print(
-                f"distil-scale: {signal.Signals(stop).name} received: saved a checkpoint at step {state['step']} "
-                f"in {save_dir} and stopped; run the same command again to resume",
-                flush=True,
-            )
-        return row
-    if cfg.checkpoint.export:
-        _export(cfg, placement, save_dir, manifest)
-    return row
-
-
-def _export(cfg: Config, placement: Placement, save_dir: str, manifest) -> None:
-    """Rank 0 consolidates the newest (ZeRO-sharded) checkpoint into a Hugging Face directory."""
-    if placement.is_main:
-        from distil_scale.export import export_student
-
-        out = os.path.join(cfg.run.output_dir, "export")
-        export_student(save_dir, out, tokenizer_dir=tokenizer_dir(cfg, manifest))
-        print(f"distil-scale: exported the student to {out}", flush=True)
-    dist.barrier()

@@ -6,6 +6,10 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
+from distil_scale import checkpoint, integrity
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD = os.path.join(ROOT, "tests", "fixtures", "checkpoint-60bcab8")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT="29517")
@@ -44,3 +48,73 @@ def test_a_checkpoint_written_by_an_older_version_resumes_exactly(tmp_path):
     for row, want in zip(rows, expected):
         for key in ("loss", "kd", "mlm", "cos", "grad_norm", "tokens", "samples", "lr"):
             assert row[key] == want[key], (row["step"], key, row[key], want[key])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A 4-step run of the fixture's setup with checkpoints at steps 2 and 4 (today's format, with manifests)."""
+    workdir = tmp_path_factory.mktemp("trained")
+    _run(workdir, "--run.output_dir=run", "--checkpoint.keep_last=3")
+    return workdir
+
+
+def _damaged_copy(trained, tmp_path, how: str) -> tuple[str, str]:
+    """A copy of the run whose newest checkpoint is damaged `how`; returns (its save dir, the damaged file)."""
+    shutil.copytree(trained, tmp_path, dirs_exist_ok=True)
+    save_dir = tmp_path / "run" / "checkpoints"
+    victim = save_dir / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    if how == "flipped":
+        data = bytearray(victim.read_bytes())
+        data[len(data) // 2] ^= 0x10
+        victim.write_bytes(bytes(data))
+    elif how == "truncated":
+        victim.write_bytes(victim.read_bytes()[:-100])
+    else:
+        victim.unlink()
+    return str(save_dir), str(victim)
+
+
+def test_every_file_of_a_checkpoint_is_in_its_manifest(trained):
+    tag_dir = trained / "run" / "checkpoints" / "step00000004"
+    files = integrity.manifest(str(tag_dir / checkpoint.COMPLETE))
+    on_disk = {p.name for p in tag_dir.iterdir() if p.is_file() and p.name != checkpoint.COMPLETE}
+    assert set(files) == on_disk and "rng_rank0.pt" in files and "training_state.json" in files
+    for name, (size, digest) in files.items():
+        assert size == (tag_dir / name).stat().st_size and digest.startswith("xxh3:")
+    assert checkpoint.damage(str(tag_dir)) is None
+
+
+@pytest.mark.parametrize(
+    "how, says", [("flipped", "does not match its checksum"), ("truncated", "bytes, the manifest says"),
+                  ("missing", "is missing")]
+)  # fmt: skip
+def test_damage_is_named_and_the_newest_intact_checkpoint_is_chosen(trained, tmp_path, how, says):
+    save_dir, victim = _damaged_copy(trained, tmp_path, how)
+    problem = checkpoint.damage(os.path.join(save_dir, "step00000004"))
+    assert problem is not None and victim in problem and says in problem
+    tag, passed = checkpoint.newest_intact(save_dir)
+    assert tag == "step00000002" and passed == [problem]
+
+
+def test_resume_passes_over_a_damaged_checkpoint_naming_the_file(trained, tmp_path):
+    save_dir, victim = _damaged_copy(trained, tmp_path, "flipped")
+    proc = _run(tmp_path, "--run.output_dir=run", "--train.max_steps=6")
+    victim, save_dir = os.path.relpath(victim, tmp_path), os.path.relpath(save_dir, tmp_path)  # as the run names them
+    assert f"passing over a damaged checkpoint: {victim} does not match its checksum" in proc.stdout
+    assert f"resuming from {os.path.join(save_dir, 'step00000002')}" in proc.stdout
+    with open(tmp_path / "run" / "metrics.jsonl", encoding="utf-8") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
+
+
+def test_export_passes_over_a_damaged_checkpoint_and_refuses_one_named_directly(trained, tmp_path):
+    from distil_scale.config import ConfigError
+    from distil_scale.export import export_student
+
+    save_dir, victim = _damaged_copy(trained, tmp_path, "truncated")
+    tokenizer = str(tmp_path / "in" / "tokenizer")
+    with pytest.warns(UserWarning, match="passing over a damaged checkpoint"):
+        export_student(save_dir, str(tmp_path / "export"), tokenizer_dir=tokenizer)
+    assert (tmp_path / "export" / "config.json").exists()
+    with pytest.raises(ConfigError, match="is damaged: .*optim_states.pt has"):
+        export_student(os.path.join(save_dir, "step00000004"), str(tmp_path / "export4"), tokenizer_dir=tokenizer)
+    assert not (tmp_path / "export4").exists()

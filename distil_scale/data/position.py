@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from distil_scale.config import ConfigError
+
 
 @dataclass
 class DataPosition:
@@ -95,3 +97,66 @@ class DataOrigin:
     step: int
     plan: dict
     position: DataPosition
+
+
+class DataState:
+    """Where this run is in its data, and the plan it draws by: the part of a checkpoint that is about data.
+
+    `plan` is the shape of this run's stream (world size, workers, micro-batch size, shuffle, grouping, seed),
+    `origin` the step, shape and position the current plan started from, `position` every sample trained on so
+    far. After a resume with the same plan the stream replays the plan from its origin and skips
+    `skip_batches(step, accum)` batches; with another plan, a new one starts at the resumed step from the saved
+    position (the unfinished epochs are re-split over the samples not yet trained on).
+    """
+
+    def __init__(self, num_samples: int, plan: dict):
+        self.plan = plan
+        self.position = DataPosition(num_samples)
+        self.origin = DataOrigin(0, plan, self.position.copy())
+        self.resplit: str | None = None  # what changed, when a resume re-split the data (for the start line)
+
+    def mark(self, epoch: int, sample_ids) -> None:
+        self.position.mark(epoch, sample_ids)
+
+    def agree(self, group=None) -> None:
+        """Collective: every rank's record merged (before a save)."""
+        self.position.agree(group)
+
+    def skip_batches(self, step: int, accum: int) -> int:
+        """Micro-batches this rank's stream made between the plan's origin and optimizer step `step`."""
+        return (step - self.origin.step) * accum
+
+    def state_dict(self) -> dict:
+        return {
+            "origin": {"step": self.origin.step, "plan": self.origin.plan},
+            "origin_position": self.origin.position,
+            "position": self.position,
+        }
+
+    def load_state_dict(self, state: dict, *, step: int, source: str) -> None:
+        """Restore a checkpoint's data state (`source` names it in errors); `step` is the step it was saved at."""
+        position = state["position"]
+        if position.num_samples != self.position.num_samples:
+            raise ConfigError(
+                f"data.shards: checkpoint {source} was trained on a train split of {position.num_samples} samples, "
+                f"the configured one has {self.position.num_samples}; resume with the data it was trained on, or "
+                f"start afresh (a new run.output_dir, or train.resume=never)"
+            )
+        self.position = position
+        self.origin = DataOrigin(state["origin"]["step"], state["origin"]["plan"], state["origin_position"])
+        if self.origin.plan != self.plan:
+            self.resplit = self._describe_resplit(self.origin.plan)
+            self.origin = DataOrigin(step, self.plan, position.copy())
+
+    def _describe_resplit(self, old: dict) -> str:
+        changed = ", ".join(
+            f"{key} {old.get(key)} -> {value}" for key, value in self.plan.items() if old.get(key) != value
+        )
+        left = ", ".join(
+            f"epoch {epoch}: {self.position.num_samples - int(mask.sum())} of {self.position.num_samples}"
+            for epoch, mask in self.position.consumed.items()
+        )
+        return (
+            f"the data plan changed ({changed}); re-splitting from epoch {self.position.start_epoch} over the "
+            f"samples not yet trained on ({left or 'a fresh epoch'})"
+        )
