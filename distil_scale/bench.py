@@ -18,7 +18,7 @@ real-token rate is lower by the padding fraction. --profile adds a cProfile of t
 
 `step` times one training step on random data: a teacher (BertConfig defaults, BERT-base, or --teacher-config)
 in no-grad forward, a half-depth DistilBERT student from models.build_student (random init) in forward and
-backward, loss.impl eager (train._eager_terms: losses.triple_loss on full logits) or fused (train._fused_terms:
+backward, loss.impl eager (losses.eager_terms: losses.triple_loss on full logits) or fused (losses.fused_terms:
 the kernels package, no logits), and an AdamW step. On GPU both models are held in bf16 as the trainer's DeepSpeed
 bf16 mode holds them, the student's update running on fp32 master weights; the micro-batch doubles until it runs
 out of memory. On CPU everything is fp32 and the --micro-batch-size list is taken as given. Model FLOPs and MFU
@@ -214,7 +214,7 @@ def _run_stream(data_dir: str, args: argparse.Namespace, *, profiler: cProfile.P
 
 
 def _run_loader(data_dir: str, args: argparse.Namespace, workers: int) -> DataResult:
-    from distil_scale.data.stream import close_loader, make_loader
+    from distil_scale.data.loader import close_loader, make_loader
 
     stream, seq_len = _stream(data_dir, args)
     res = DataResult(seq_len, "loader", workers)
@@ -397,16 +397,15 @@ def _peak_mb(device: torch.device) -> float:
 
 def _time_steps(models, impl: str, batch: tuple, *, warmup: int, iters: int, device: torch.device) -> float:
     """Median seconds of one forward + backward + optimizer step."""
-    from distil_scale import train
+    from distil_scale.losses import eager_terms, fused_terms
 
     teacher, student, optimizer = models
-    cfg = Config()
-    cfg.loss.impl = impl
-    terms_of = train._fused_terms if impl == "fused" else train._eager_terms
+    loss = Config().loss
+    terms_of = fused_terms if impl == "fused" else eager_terms
     times = []
     for i in range(warmup + iters):
         start = time.perf_counter()
-        terms = terms_of(student, teacher, *batch, cfg)
+        terms = terms_of(student, teacher, *batch, loss)
         terms.total.backward()
         optimizer.step()
         if device.type == "cuda":

@@ -143,8 +143,9 @@ def build_models(cfg: Config, placement: Placement):
 def make_batches(cfg: Config, manifest: Manifest, placement: Placement, data: DataState, *, step: int, accum: int):
     """This rank's endless, deterministic, resumable stream of masked micro-batches: the plan that started at
     `data.origin`, less the batches it already made up to optimizer step `step`."""
+    from distil_scale.data.loader import make_loader
     from distil_scale.data.masking import Masker
-    from distil_scale.data.stream import BatchStream, make_loader
+    from distil_scale.data.stream import BatchStream
 
     masker = Masker.for_manifest(manifest, smoothing=cfg.data.mlm_smoothing, mlm_probability=cfg.data.mlm_probability)
     stream = BatchStream(

@@ -19,8 +19,8 @@ import transformers
 
 from distil_scale.checkpoint import Checkpointer
 from distil_scale.config import Config, save_config
+from distil_scale.data.loader import close_loader
 from distil_scale.data.position import DataState
-from distil_scale.data.stream import close_loader
 from distil_scale.engine import Placement, build_engine, init_distributed, resolve_dtype, unwrapped
 from distil_scale.flops import mfu, peak_flops, step_flops
 from distil_scale.inputs import build_models, ensure_inputs, make_batches, tokenizer_dir

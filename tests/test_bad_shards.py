@@ -25,9 +25,11 @@ import torch
 from transformers import BertConfig, BertForMaskedLM, DistilBertConfig, DistilBertForMaskedLM
 
 from distil_scale.data import stream as stream_module
+from distil_scale.data.loader import make_loader
 from distil_scale.data.masking import Masker, collate
+from distil_scale.data.reader import BadShardWarning, is_placeholder, read_shard
 from distil_scale.data.shards import Manifest, read_manifest
-from distil_scale.data.stream import BadShardWarning, BatchStream, is_placeholder, make_loader, read_shard
+from distil_scale.data.stream import BatchStream
 from distil_scale.losses import triple_loss
 
 DAMAGED = 3  # index of the train shard each case damages: a full one (37 samples), split across blocks
@@ -324,7 +326,9 @@ def test_interrupts_are_not_swallowed(monkeypatch):
         def readinto(self, buffer) -> int:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(stream_module.wds, "gopen", lambda url: Interrupting())
+    import webdataset
+
+    monkeypatch.setattr(webdataset, "gopen", lambda url: Interrupting())
     with pytest.raises(KeyboardInterrupt):
         list(read_shard("interrupted.tar", stop=3))
 

@@ -310,8 +310,8 @@ def test_elastic_resume_2_then_1_then_2_ranks_trains_every_sample_once_per_epoch
     every sample exactly once in each finished epoch and none twice in the unfinished one."""
     import torch
 
+    from distil_scale.data.reader import read_shard
     from distil_scale.data.shards import read_manifest
-    from distil_scale.data.stream import read_shard
 
     inputs, out = tmp_path / "inputs", tmp_path / "run"
     common = ["--train.max_steps=34", "--checkpoint.every_steps=6", "--checkpoint.keep_last=3"]

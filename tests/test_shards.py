@@ -15,8 +15,8 @@ from transformers import AutoTokenizer
 
 from distil_scale.config import ConfigError
 from distil_scale.data.corpus import load_texts, write_synthetic_corpus
+from distil_scale.data.reader import read_shard
 from distil_scale.data.shards import ShardSetWriter, clean_sequences, prepare, read_manifest
-from distil_scale.data.stream import read_shard
 from distil_scale.data.tokenizer import load_tokenizer, tokenizer_fingerprint, train_wordpiece
 
 

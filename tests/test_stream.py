@@ -14,9 +14,11 @@ import torch
 
 from distil_scale.config import ConfigError
 from distil_scale.data import stream as stream_module
+from distil_scale.data.loader import make_loader
 from distil_scale.data.masking import Masker
+from distil_scale.data.reader import read_shard
 from distil_scale.data.shards import read_manifest
-from distil_scale.data.stream import BatchStream, buffer_shuffled, make_loader, read_shard, resume_plan
+from distil_scale.data.stream import BatchStream, buffer_shuffled, resume_plan
 
 
 def _make(dataset: str, split: str = "train", **overrides) -> BatchStream:
@@ -200,7 +202,9 @@ def test_pinned_batches_become_tensors_in_the_pin_thread(tiny_dataset, monkeypat
 
     batch = next(iter(_make(tiny_dataset)))
     monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: self.clone())
-    pinned = pin_memory(stream_module._ArrayBatch(batch))
+    from distil_scale.data.loader import _ArrayBatch
+
+    pinned = pin_memory(_ArrayBatch(batch))
     assert type(pinned) is dict and list(pinned) == list(batch)
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
