@@ -6,7 +6,7 @@ export DS_ACCELERATOR ?= cpu
 # DeepSpeed's compiled ops live with this environment, not in a cache that other checkouts share (and lock).
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test test-fast lint format clean
 
 $(BIN)/distil-scale: setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -28,7 +28,12 @@ demo: venv
 test: venv
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+# The fast tier: everything but the tests marked slow (multi-process runs, trainings), in about two minutes.
+test-fast: venv
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 format: venv
 	$(BIN)/ruff format .

@@ -20,10 +20,10 @@ missing, its stage runs first.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 
+from distil_scale import atomic
 from distil_scale.config import Config, ConfigError, load_config
 
 # name -> (the overrides that make it, what the row is called in the table)
@@ -110,10 +110,7 @@ def summarize(configs: dict[str, Config], out: str) -> dict:
     }
     print(format_table(results))
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, f"ablation.json.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, os.path.join(out, "ablation.json"))
+    atomic.write_json(os.path.join(out, "ablation.json"), results)
     plot(results, os.path.join(out, "ablation.png"))
     return results
 
@@ -149,7 +146,6 @@ def plot(results: dict, out_png: str) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic.replacing(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)

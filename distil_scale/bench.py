@@ -49,7 +49,8 @@ import torch
 
 from distil_scale import flops
 from distil_scale.config import Config, DataConfig
-from kernels.bench import cell, log, machine, write_csv
+from kernels.contract import IGNORE_INDEX
+from kernels.measure import cell, log, machine, timed, write_csv
 
 TARGET_TOKENS_PER_CORE_S = 1e6
 _DATA = DataConfig()
@@ -369,7 +370,7 @@ def build_step_models(
 
 def _random_batch(batch: int, seq_len: int, vocab: int, device: torch.device, gen: torch.Generator):
     ids = torch.randint(5, vocab, (batch, seq_len), generator=gen)  # past the 5 BERT special tokens
-    labels = torch.where(torch.rand(batch, seq_len, generator=gen) < _DATA.mlm_probability, ids, -100)
+    labels = torch.where(torch.rand(batch, seq_len, generator=gen) < _DATA.mlm_probability, ids, IGNORE_INDEX)
     mask = torch.ones(batch, seq_len, dtype=torch.int64)
     return ids.to(device), mask.to(device), labels.to(device)
 
@@ -402,18 +403,14 @@ def _time_steps(models, impl: str, batch: tuple, *, warmup: int, iters: int, dev
     teacher, student, optimizer = models
     loss = Config().loss
     terms_of = fused_terms if impl == "fused" else eager_terms
-    times = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        terms = terms_of(student, teacher, *batch, loss)
-        terms.total.backward()
+
+    def step() -> None:
+        terms_of(student, teacher, *batch, loss).total.backward()
         optimizer.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()  # a sync point per step: the row's time is the step's, not the launches'
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-        del terms
-    return statistics.median(times)
+
+    # A sync point per step (in `timed`): the row's time is the step's, not its launches'.
+    times = [timed(step, device) for _ in range(warmup + iters)]
+    return statistics.median(times[warmup:])
 
 
 def run_step_case(models, impl: str, batch_size: int, seq_len: int, args, device: torch.device) -> StepResult:

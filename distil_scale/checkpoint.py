@@ -33,15 +33,18 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from distil_scale import integrity
+from distil_scale import atomic, integrity
 from distil_scale.config import Config, ConfigError, save_config
 from distil_scale.data.position import DataPosition, DataState
+from kernels.measure import one_line
 
 COMPLETE = "COMPLETE"
 TRAINING_STATE = "training_state.json"
@@ -98,7 +101,7 @@ class Checkpointer:
         }
         self.data.load_state_dict(data, step=self.train.step, source=tag_dir)
 
-    def save(self, step: int) -> str:
+    def save(self, step: int) -> Saved:
         """Write tag `step` on every rank, then its manifest as the COMPLETE marker; keep the newest k."""
         self.data.agree(self.placement.cpu_group)
         data = self.data.state_dict()
@@ -113,7 +116,7 @@ class Checkpointer:
             "data_origin.npz": data["origin_position"].save,
             "model_config.json": self.engine.module.config.to_json_file,
             "config.yaml": lambda path: save_config(self.cfg, path),
-            TRAINING_STATE: lambda path: _write_atomic(path, json.dumps(state, indent=1)),
+            TRAINING_STATE: lambda path: atomic.write_text(path, json.dumps(state, indent=1), sync=True),
         }
         return _save(
             self.engine, self.save_dir, step=step, state=state, files=files, keep=self.cfg.checkpoint.keep_last
@@ -121,15 +124,6 @@ class Checkpointer:
 
     def latest(self) -> str | None:
         return latest_tag(self.save_dir)
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -152,14 +146,25 @@ def set_rng_state(state: dict) -> None:
 # ------------------------------------------------------------------------------------------------------------- save
 
 
-def _save(engine, save_dir: str, *, step: int, state: dict, files: dict, keep: int) -> str:
-    """Collective: every rank calls it. Returns the tag once it is complete on every rank.
+class Saved(NamedTuple):
+    """What one save wrote: the tag, its size over all ranks, and the seconds it took (those spent checksumming
+    the files for the manifest among them, on rank 0)."""
+
+    tag: str
+    bytes: int
+    seconds: float
+    checksum_seconds: float
+
+
+def _save(engine, save_dir: str, *, step: int, state: dict, files: dict, keep: int) -> Saved:
+    """Collective: every rank calls it. Returns once the tag is complete on every rank.
 
     `files` maps the names rank 0 writes to functions that write them. Every rank fsyncs and records what it
     wrote before rank 0 writes the marker, so a node that dies later cannot take part of a complete checkpoint
     with it. If any rank fails to write, every rank raises CheckpointWriteError (no rank is left waiting in a
     collective) and the partial tag is removed.
     """
+    start = time.perf_counter()
     tag = tag_for(step)
     rank = dist.get_rank()
     tag_dir = os.path.join(save_dir, tag)
@@ -170,12 +175,12 @@ def _save(engine, save_dir: str, *, step: int, state: dict, files: dict, keep: i
             _remove_tag(tag_dir)  # left by an attempt that crashed, or a step saved again after an older resume
             os.makedirs(tag_dir)
         except Exception as exc:
-            failure = _describe(exc)
+            failure = one_line(exc)
     _raise_if_any_failed(failure, save_dir, tag_dir)
     try:
         engine.save_checkpoint(save_dir, tag=tag, client_state={"training_state": state}, save_latest=False)
     except Exception as exc:
-        failure = _describe(exc)
+        failure = one_line(exc)
         dist.barrier()  # DeepSpeed's save ends in a barrier, where the ranks that did write are waiting
     own: dict = {}
     if failure is None:
@@ -186,23 +191,26 @@ def _save(engine, save_dir: str, *, step: int, state: dict, files: dict, keep: i
                     write(os.path.join(tag_dir, name))
             names = _own_files(tag_dir, rank, dist.get_world_size())
             _sync(tag_dir, names, directory=rank == 0)
+            checksum_start = time.perf_counter()
             own = integrity.records(tag_dir, names)
+            checksum_seconds = time.perf_counter() - checksum_start
         except Exception as exc:
-            failure = _describe(exc)
+            failure = one_line(exc)
     # Every rank's files are on disk before the marker makes the tag visible.
     _raise_if_any_failed(failure, save_dir, tag_dir)
     manifest = _gather_records(own)
     if rank == 0:
         try:
-            _write_atomic(os.path.join(tag_dir, COMPLETE), integrity.marker_text(step, manifest))
+            atomic.write_text(os.path.join(tag_dir, COMPLETE), integrity.marker_text(step, manifest), sync=True)
         except Exception as exc:
-            failure = _describe(exc)
+            failure = one_line(exc)
     _raise_if_any_failed(failure, save_dir, tag_dir)
     if rank == 0:
         with contextlib.suppress(OSError):  # DeepSpeed's pointer, for its own tools; resume never reads it
-            _write_atomic(os.path.join(save_dir, "latest"), tag)
+            atomic.write_text(os.path.join(save_dir, "latest"), tag, sync=True)
         prune(save_dir, keep_last=keep)
-    return tag
+    size = sum(record[0] for record in manifest.values())
+    return Saved(tag, size, time.perf_counter() - start, checksum_seconds)
 
 
 def _own_files(tag_dir: str, rank: int, world_size: int) -> list[str]:
@@ -248,10 +256,6 @@ def _remove_tag(tag_dir: str) -> None:
     if os.path.exists(marker):
         os.remove(marker)
     shutil.rmtree(tag_dir, ignore_errors=True)
-
-
-def _describe(error: BaseException) -> str:
-    return " ".join(f"{type(error).__name__}: {error}".split())[:300]
 
 
 def _first_failure(failure: str | None) -> tuple[int, str] | None:
@@ -359,9 +363,17 @@ def _choose(save_dir: str, resume: str) -> tuple[str, str] | None:
         raise ConfigError(value)
     explicit, candidates = value
     for directory, tag in candidates:
+        start = time.perf_counter()
         problem = damage(os.path.join(directory, tag), rank=dist.get_rank(), world_size=dist.get_world_size())
         first = _first_failure(problem)
         if first is None:
+            if dist.get_rank() == 0:
+                size = sum(r[0] for r in (integrity.manifest(os.path.join(directory, tag, COMPLETE)) or {}).values())
+                print(
+                    f"distil-scale: checkpoint {tag} verified: {size / 2**20:.0f} MB in "
+                    f"{time.perf_counter() - start:.2f} s",
+                    flush=True,
+                )
             return directory, tag
         if explicit:
             raise ConfigError(f"train.resume: checkpoint {os.path.join(directory, tag)} is damaged: {first[1]}")
@@ -428,7 +440,7 @@ def _prepare_universal(save_dir: str, tag: str, saved: dict, *, world_size: int,
         try:
             _convert_to_universal(tag_dir, target)
         except Exception as exc:
-            failure = _describe(exc)
+            failure = one_line(exc)
     first = _first_failure(failure)
     if first is not None:
         raise CheckpointWriteError(f"could not convert {tag_dir} to a universal checkpoint: {first[1]}")
@@ -438,22 +450,20 @@ def _prepare_universal(save_dir: str, tag: str, saved: dict, *, world_size: int,
 def _convert_to_universal(tag_dir: str, target: str) -> None:
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
-    tmp = f"{target}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    args = argparse.Namespace(
-        input_folder=tag_dir,
-        output_folder=tmp,
-        num_extract_workers=1,  # in this process: no pool forked from a trainer with a process group up
-        num_merge_workers=1,
-        keep_temp_folder=False,
-        strict=True,
-        inject_missing_state=True,  # the version marker it wants; our checkpoints hold everything else
-    )
-    with contextlib.redirect_stdout(io.StringIO()):  # its step-by-step narration
-        ds_to_universal(args)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(tag_dir, "latest_universal"))  # names the temporary folder; nothing reads it
-    os.replace(tmp, target)
+    with atomic.replacing_dir(target) as tmp:
+        args = argparse.Namespace(
+            input_folder=tag_dir,
+            output_folder=str(tmp),
+            num_extract_workers=1,  # in this process: no pool forked from a trainer with a process group up
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,  # the version marker it wants; our checkpoints hold everything else
+        )
+        with contextlib.redirect_stdout(io.StringIO()):  # its step-by-step narration
+            ds_to_universal(args)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(tag_dir, "latest_universal"))  # names the temporary folder; nothing reads it
 
 
 def _load_engine(engine, save_dir: str, tag: str, *, universal: bool) -> None:

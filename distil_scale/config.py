@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from distil_scale import atomic
+
 
 class ConfigError(ValueError):
     """A user mistake in the configuration or its inputs; the CLI prints it as one line and exits with code 2."""
@@ -397,10 +399,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config atomically (it is what `train.resume` and the export read back)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-    os.replace(tmp, path)
+    atomic.write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def explain() -> str:

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from distil_scale.config import Config, ConfigError
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from kernels.contract import DTYPES
 
 
 @dataclass(frozen=True)
@@ -82,7 +81,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     """ "auto" means bf16 on GPU (the recipe's fp16 without loss-scaling trouble) and fp32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
 
 
 def accumulation_steps(cfg: Config, world_size: int) -> int:
@@ -218,12 +217,17 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on biases and LayerNorm weights (the recipe)."""
+    """AdamW groups: no weight decay on biases and normalisation weights (the BERT recipe), for training and
+    fine-tuning alike.
+
+    The rule is the parameter's shape, not its name: every 1-d parameter is a bias or a norm's scale in every
+    family we build (LayerNorm, RMSNorm, bias-free norms), whatever the family calls it, while a name test misses
+    norms not called "norm" (BERT's "LayerNorm" only matches after lower-casing; some families say "ln").
+    """
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

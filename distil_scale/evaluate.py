@@ -7,6 +7,7 @@ students) on literally the same masked batches, read once from a prepared datase
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterable
@@ -17,8 +18,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from distil_scale.config import ConfigError
-from distil_scale.losses import IGNORE_INDEX
 from distil_scale.models import load_masked_lm_dir
+from kernels.contract import IGNORE_INDEX
+from kernels.measure import timed
 
 
 def load_masked_lm(path: str, *, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -86,22 +88,11 @@ def forward_seconds(
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch["attention_mask"].to(device)
-                synchronize(device)
-                start = time.perf_counter()
-                model(input_ids=input_ids, attention_mask=attention_mask)
-                synchronize(device)  # kernels run asynchronously on a GPU: wait before reading the clock
-                elapsed += time.perf_counter() - start
+                inputs = {key: batch[key].to(device) for key in ("input_ids", "attention_mask")}
+                elapsed += timed(functools.partial(model, **inputs), device)
     finally:
         model.train(was_training)
     return elapsed
-
-
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the device's queued kernels (a no-op on CPU), before reading a clock."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def heldout_batches(

@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -30,9 +28,11 @@ from torch import nn
 from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from distil_scale import atomic
 from distil_scale.checkpoint import COMPLETE, complete_tags, damage, newest_intact
 from distil_scale.config import ConfigError
-from distil_scale.models import check_vocab, error_line
+from distil_scale.models import check_vocab
+from kernels.measure import one_line
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -133,31 +133,13 @@ def model_from_checkpoint(save_dir: Path, tag: str) -> PreTrainedModel:
     return model.eval()
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    """Move the finished `src` to `dst`, replacing an existing `dst`."""
-    if not dst.exists():
-        os.replace(src, dst)
-        return
-    # rename(2) cannot replace a non-empty directory: move the old one aside first. A crash in between
-    # leaves no directory at dst (and the old export beside it), never a half-written one.
-    old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(dst, old)
-    os.replace(src, dst)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def save_pretrained_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str) -> str:
     """save_pretrained model (safetensors) and tokenizer (if any) into a temp dir next to out_dir, then rename."""
     out = Path(out_dir).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic.replacing_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
 
 
@@ -168,7 +150,7 @@ def load_tokenizer(tokenizer_dir: str) -> PreTrainedTokenizerBase:
     try:
         return AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise ConfigError(f"export: {tokenizer_dir} holds no loadable tokenizer ({error_line(err)})") from err
+        raise ConfigError(f"export: {tokenizer_dir} holds no loadable tokenizer ({one_line(err)})") from err
 
 
 def export_student(checkpoint_dir: str, out_dir: str, *, tokenizer_dir: str | None) -> str:

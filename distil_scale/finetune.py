@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distil_scale.config import ConfigError
-from distil_scale.models import check_vocab, error_line, max_positions, quiet_transformers
+from distil_scale.models import check_vocab, max_positions, quiet_transformers
+from kernels.measure import one_line
 
 RESULTS_FILE = "results.json"
 
@@ -303,7 +304,7 @@ def load_classifier(path: str, names: list[str]) -> PreTrainedModel:
                 output_loading_info=True,
             )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise ConfigError(f"finetune: {path} does not hold a loadable masked LM ({error_line(err)})") from err
+        raise ConfigError(f"finetune: {path} does not hold a loadable masked LM ({one_line(err)})") from err
     missing = sorted(k for k in info["missing_keys"] if not any(part in k.split(".") for part in _HEAD_PARTS))
     if missing:
         # Without its encoder weights the "pretrained" model is a random one, and its score would mean nothing.
@@ -318,7 +319,7 @@ def load_task_tokenizer(path: str) -> PreTrainedTokenizerBase:
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, TypeError) as err:
-        raise ConfigError(f"finetune: {path} holds no loadable tokenizer ({error_line(err)}); set --tokenizer") from err
+        raise ConfigError(f"finetune: {path} holds no loadable tokenizer ({one_line(err)}); set --tokenizer") from err
     if tokenizer.pad_token_id is None:
         raise ConfigError(f"finetune: the tokenizer in {path} has no pad token; batches need one")
     return tokenizer

@@ -35,6 +35,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from kernels.contract import DTYPE_NAMES
+
 
 class Shape(NamedTuple):
     """The four sizes the FLOP count depends on."""
@@ -110,7 +112,6 @@ PEAK_FLOPS: tuple[tuple[str, dict[str, float]], ...] = (
     (r"\bA10\b", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),
     (r"V100", {"fp16": 125e12, "fp32": 15.7e12}),  # SXM2; no bf16 tensor cores
 )
-_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def peak_flops(
@@ -125,7 +126,7 @@ def peak_flops(
         if override <= 0:
             raise ValueError(f"peak FLOP/s override must be > 0, got {override}")
         return float(override)
-    key = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+    key = DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
     if key not in ("bf16", "fp16", "tf32", "fp32"):
         raise ValueError(f"dtype must be bf16, fp16, tf32 or fp32, got {dtype!r}")
     if device_name is None:

@@ -8,11 +8,11 @@ A real run points at prepared shards and a trained teacher, and this does nothin
 from __future__ import annotations
 
 import os
-import shutil
 
 import torch
 from transformers import AutoConfig, AutoModelForMaskedLM
 
+from distil_scale import atomic
 from distil_scale.config import Config, ConfigError
 from distil_scale.data.corpus import write_synthetic_corpus
 from distil_scale.data.position import DataState
@@ -76,11 +76,9 @@ def _ensure_random_teacher(cfg: Config, tok_dir: str) -> None:
     config.vocab_size = len(tokenizer)
     torch.manual_seed(cfg.run.seed)
     model = AutoModelForMaskedLM.from_config(config)
-    tmp = cfg.teacher.path.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, cfg.teacher.path)
+    with atomic.replacing_dir(cfg.teacher.path.rstrip("/")) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     print(f"distil-scale: saved a randomly initialised teacher ({cfg.teacher.init_config}) to {cfg.teacher.path}")
 
 

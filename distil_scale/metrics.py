@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Protocol
 
+from distil_scale import atomic
+
 
 class Sink(Protocol):
     def write(self, row: dict) -> None: ...
@@ -131,10 +133,7 @@ def truncate_after_step(path: str, step: int) -> None:
         return
     with open(path, encoding="utf-8") as f:
         rows = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(rows)
-    os.replace(tmp, path)
+    atomic.write_text(path, "".join(rows))
 
 
 def read_jsonl(path: str) -> list[dict]:

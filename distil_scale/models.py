@@ -31,6 +31,7 @@ from transformers import (
 from transformers.activations import gelu
 
 from distil_scale.config import ConfigError
+from kernels.measure import one_line
 
 # DistilBERT hard-codes this LayerNorm epsilon; its config has no field for it.
 _DISTILBERT_LN_EPS = 1e-12
@@ -110,12 +111,6 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def error_line(err: BaseException) -> str:
-    """The first line of an exception's message, for one-line ConfigErrors that wrap library errors."""
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def load_masked_lm_dir(path: str, *, dtype: torch.dtype, what: str = "model") -> PreTrainedModel:
     """AutoModelForMaskedLM from a local directory, refusing a directory whose MLM weights are incomplete."""
     if not os.path.isdir(path):
@@ -125,7 +120,7 @@ def load_masked_lm_dir(path: str, *, dtype: torch.dtype, what: str = "model") ->
             path, local_files_only=True, dtype=dtype, output_loading_info=True
         )
     except (OSError, ValueError, KeyError) as err:
-        raise ConfigError(f"{what}: {path} does not hold a masked language model ({error_line(err)})") from err
+        raise ConfigError(f"{what}: {path} does not hold a masked language model ({one_line(err)})") from err
     if info["missing_keys"]:
         # A bare encoder checkpoint loads "successfully" with a random MLM head; its logits would be noise.
         missing = sorted(info["missing_keys"])

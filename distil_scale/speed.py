@@ -33,7 +33,6 @@ import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -41,10 +40,12 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForMaskedLM, PreTrainedModel
 
+from distil_scale import atomic
 from distil_scale.config import ConfigError
-from distil_scale.evaluate import parameter_count, synchronize
-from distil_scale.models import error_line, load_masked_lm_dir, max_positions, quiet_transformers
-from kernels.bench import cpu_name
+from distil_scale.evaluate import parameter_count
+from distil_scale.models import load_masked_lm_dir, max_positions, quiet_transformers
+from kernels.contract import DTYPES as _ALL_DTYPES
+from kernels.measure import cpu_name, one_line, synchronize, timed, usable_cores
 
 DEFAULT_BATCH_SIZES = (1, 32)
 DEFAULT_SEQ_LEN = 128
@@ -56,7 +57,7 @@ DEFAULT_ITERS = {"cpu": 20, "cuda": 100}
 DEFAULT_WARMUP = {"cpu": 3, "cuda": 10}
 MIN_CPU_ITERS = 5
 FORWARDS = ("encoder", "mlm")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {name: _ALL_DTYPES[name] for name in ("fp32", "bf16")}  # what inference is timed in
 
 
 @dataclass
@@ -103,14 +104,14 @@ def _config_model(path: str) -> PreTrainedModel:
         with open(path, encoding="utf-8") as f:
             fields = json.load(f)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"speed: {path} is not a readable config.json ({error_line(err)})") from err
+        raise ConfigError(f"speed: {path} is not a readable config.json ({one_line(err)})") from err
     if not isinstance(fields, dict) or "model_type" not in fields:
         raise ConfigError(f"speed: {path} is not a Hugging Face config.json (no model_type)")
     fields = dict(fields)
     try:
         config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     except (ValueError, KeyError, TypeError) as err:
-        raise ConfigError(f"speed: {path}: {error_line(err)}") from err
+        raise ConfigError(f"speed: {path}: {one_line(err)}") from err
     torch.manual_seed(0)
     try:
         model = AutoModelForMaskedLM.from_config(config, dtype=torch.float32)
@@ -186,11 +187,7 @@ def time_round_robin(calls: Sequence[Callable], *, warmup: int, iters: int, devi
         try:
             for _ in range(iters):
                 for call, row in zip(calls, times):
-                    synchronize(device)
-                    start = time.perf_counter()
-                    call()
-                    synchronize(device)  # kernels run asynchronously on a GPU: wait before reading the clock
-                    row.append(time.perf_counter() - start)
+                    row.append(timed(call, device))
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -199,10 +196,9 @@ def time_round_robin(calls: Sequence[Callable], *, warmup: int, iters: int, devi
 
 def machine_info() -> dict:
     """CPU model, usable cores, torch threads, GPU and library versions."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {
         "cpu": cpu_name(),
-        "cores": cores,
+        "cores": usable_cores(),
         "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "torch": torch.__version__,
@@ -365,9 +361,5 @@ def run_speed(paths: Sequence[str], *, out: str | None = None, **settings) -> di
     report = measure_speed(paths, **settings)
     print(format_speed_table(report), flush=True)
     if out is not None:
-        tmp = f"{out}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, out)
+        atomic.write_json(out, report)
     return report

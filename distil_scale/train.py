@@ -302,7 +302,12 @@ def save(run: Run) -> None:
         _say(run, f"step {run.state.step}: the weights are not finite; no checkpoint")
         return
     run.state.elapsed_s = run.clock.elapsed()
-    run.checkpointer.save(run.state.step)
+    saved = run.checkpointer.save(run.state.step)
+    _say(
+        run,
+        f"checkpoint {saved.tag}: {saved.bytes / 2**20:.0f} MB in {saved.seconds:.2f} s "
+        f"({saved.checksum_seconds:.2f} s of it checksums for the manifest)",
+    )
 
 
 def export(run: Run) -> None:

@@ -23,32 +23,30 @@ writes ``{out}/kernels-{tag}.csv`` and ``{out}/kernels-{tag}.png`` and prints th
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import gc
 import importlib.util
 import io
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kernels.contract import DTYPES, IGNORE_INDEX
+from kernels.measure import Clock, cell, log, machine, one_line, write_bytes, write_csv
 
 KD_WEIGHT = 5.0
 MLM_WEIGHT = 2.0
 TEMPERATURE = 2.0
 LABELLED_FRACTION = 0.15
-IGNORE_INDEX = -100
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 IMPLS = ("eager", "compile", "liger", "liger_exact", "liger_fused", "ours", "ours_torch")
 # The CUDA sweep fits a few minutes of a lent GPU: torch.compile builds cold for every shape, so it runs at one
 # row count (--compile-rows), and Liger's chunked torch loss is launch-bound there (its fused Triton loss is not).
@@ -328,35 +326,8 @@ def unavailable(impl: str, device: torch.device) -> str | None:
         elif impl in ("ours", "ours_torch"):
             from kernels import linear_kd_mlm_loss  # noqa: F401
     except Exception as e:  # an optional dependency that does not import is skipped, whatever the reason
-        return f"import failed: {_one_line(e)}"
+        return f"import failed: {one_line(e)}"
     return None
-
-
-def _one_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
-
-
-class _Clock:
-    """Marks on the CPU clock, or CUDA events on the current stream; `intervals_ms` waits for them."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.marks: list = []
-
-    def mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.marks.append(event)
-        else:
-            self.marks.append(time.perf_counter())
-
-    def intervals_ms(self) -> list[float]:
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.marks, self.marks[1:])]
-        return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
 def _full_pass(fn: LossFn, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,7 +340,7 @@ def _full_pass(fn: LossFn, inp: Inputs) -> tuple[torch.Tensor, torch.Tensor]:
 def _timed_pass(fn: LossFn, inp: Inputs, device: torch.device) -> tuple[float, float, torch.Tensor, torch.Tensor]:
     """(forward ms, backward ms, kd, mlm) of one full pass."""
     inp.clear_grads()
-    clock = _Clock(device)
+    clock = Clock(device)
     clock.mark()
     loss, kd, mlm = fn(inp)
     clock.mark()
@@ -425,11 +396,11 @@ def _measure(case: Case, device: torch.device, res: Result) -> None:
         raise
     except Exception as e:
         if case.impl == "compile":
-            res.status, res.note = "skipped", f"torch.compile failed: {_one_line(e)}"
+            res.status, res.note = "skipped", f"torch.compile failed: {one_line(e)}"
             return
         if case.impl not in ("liger", "liger_exact"):
             raise
-        res.note = f"Liger ran with compiled=False: torch.compile failed ({_one_line(e)})"
+        res.note = f"Liger ran with compiled=False: torch.compile failed ({one_line(e)})"
         fn = build_loss(case.impl, liger_compiled=False)
         for _ in range(case.warmup):
             _full_pass(fn, inp)
@@ -442,8 +413,9 @@ def _measure(case: Case, device: torch.device, res: Result) -> None:
     res.kd, res.mlm = float(passes[-1][2]), float(passes[-1][3])
     w_grad = inp.student_w.grad.detach().float().cpu()
     if case.impl == "eager":
-        torch.save({"kd": res.kd, "mlm": res.mlm, "w_grad": w_grad}, case.ref_path + ".tmp")
-        os.replace(case.ref_path + ".tmp", case.ref_path)
+        buf = io.BytesIO()
+        torch.save({"kd": res.kd, "mlm": res.mlm, "w_grad": w_grad}, buf)
+        write_bytes(case.ref_path, buf.getvalue())
         res.kd_rel_err = res.mlm_rel_err = res.grad_rel_err = 0.0
     elif os.path.exists(case.ref_path):
         ref = torch.load(case.ref_path)
@@ -461,7 +433,7 @@ def run_case(case: Case, device: torch.device) -> Result:
     except torch.OutOfMemoryError:
         res.status = "OOM"
     except Exception as e:
-        res.status, res.note = "error", _one_line(e)
+        res.status, res.note = "error", one_line(e)
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -490,7 +462,7 @@ def gemm_ms(rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torc
     w = torch.randn(vocab, hidden, generator=gen).to(device, dtype)
     times = []
     for i in range(repeats + 1):
-        clock = _Clock(device)
+        clock = Clock(device)
         clock.mark()
         out = x @ w.T
         clock.mark()
@@ -498,36 +470,6 @@ def gemm_ms(rows: int, vocab: int, hidden: int, dtype: torch.dtype, device: torc
         if i:  # the first one is the warm-up
             times.append(clock.intervals_ms()[0])
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else what platform knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
-def machine() -> str:
-    """One line: the CPU model and the cores this process may use, the GPU if any, torch and triton, the date."""
-    cpu = cpu_name()
-    gpu = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})" if torch.cuda.is_available() else "none"
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = "not importable"
-    return (
-        f"CPU {cpu} ({len(os.sched_getaffinity(0))} cores); GPU {gpu}; torch {torch.__version__}, "
-        f"triton {triton_version}; {datetime.date.today().isoformat()}"
-    )
-
-
-def cell(value: float, spec: str) -> str:
-    """A table cell: `value` formatted by `spec`, or "-" for NaN (not measured)."""
-    return "-" if math.isnan(value) else format(value, spec)
 
 
 def format_table(results: list[Result]) -> str:
@@ -548,23 +490,6 @@ def format_table(results: list[Result]) -> str:
             f"{cell(r.grad_rel_err, '.1e'):>13}"
         )
     return "\n".join(lines)
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
-def write_csv(results: list, path: str) -> None:
-    """All fields of the result dataclasses, one row each, written atomically."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(results[0])])
-    writer.writeheader()
-    for r in results:
-        writer.writerow(asdict(r))
-    _write_atomic(path, buf.getvalue().encode())
 
 
 def write_png(results: list[Result], path: str, title: str) -> bool:
@@ -600,13 +525,8 @@ def write_png(results: list[Result], path: str, title: str) -> bool:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    _write_atomic(path, buf.getvalue())
+    write_bytes(path, buf.getvalue())
     return True
-
-
-def log(msg: str) -> None:
-    """Progress on stderr, so that stdout holds only the tables."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 def _csv_list(text: str) -> list[str]:

@@ -14,7 +14,10 @@ import torch
 
 IGNORE_INDEX = -100
 IMPLS = ("auto", "torch", "triton")
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The names configs, command lines and tables use for the float dtypes the ops take (the one map of the project).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
+FLOAT_DTYPES = tuple(DTYPES.values())
 # Row strides of the (rows, V) work buffers are padded to this many elements (256 bytes in fp32): V = 30,522 is
 # 2 mod 8, and unpadded rows would deny both the row kernels and cuBLAS their aligned wide loads.
 ROW_ALIGN = 64

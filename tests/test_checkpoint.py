@@ -46,8 +46,16 @@ def test_a_checkpoint_written_by_an_older_version_resumes_exactly(tmp_path):
         expected = [json.loads(line) for line in f]
     assert [r["step"] for r in rows] == [3, 4]
     for row, want in zip(rows, expected):
-        for key in ("loss", "kd", "mlm", "cos", "grad_norm", "tokens", "samples", "lr"):
+        for key in ("mlm", "cos", "tokens", "samples", "lr"):
             assert row[key] == want[key], (row["step"], key, row[key], want[key])
+        # kd is a sum of tiny terms with cancellation (KL ~ 7e-4 here): its last bits depend on the CPU's vector
+        # width, and the fixture was written on another CPU model (seen: kd 5e-8 apart, hence loss and the
+        # gradient's norm in their last bits; mlm and cos equal). Same-machine bit-exactness is asserted by
+        # test_distributed's resume tests.
+        near = {"kd": pytest.approx(want["kd"], rel=0, abs=1e-6), "loss": pytest.approx(want["loss"], rel=0, abs=1e-5)}
+        near["grad_norm"] = pytest.approx(want["grad_norm"], rel=1e-6)
+        for key, expected_value in near.items():
+            assert row[key] == expected_value, (row["step"], key, row[key], want[key])
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import datasets
 
+from distil_scale import atomic
 from distil_scale.config import ConfigError
 
 _LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -252,9 +253,7 @@ def write_synthetic_corpus(path: str, *, num_docs: int, seed: int) -> str:
     world = _make_world()
     rng = random.Random(seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for _ in range(num_docs):
             f.write(_document(rng, world) + "\n")
-    os.replace(tmp, path)
     return path

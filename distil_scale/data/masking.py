@@ -18,6 +18,8 @@ import math
 import numpy as np
 import torch
 
+from kernels.contract import IGNORE_INDEX
+
 
 def collate(seqs: list[np.ndarray], *, pad_id: int, multiple_of: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad to the longest sequence rounded up to `multiple_of` (tensor-core friendly shapes).
@@ -105,7 +107,7 @@ class Masker:
         num_real = int(np.count_nonzero(real))
         num_maskable = int(np.count_nonzero(weights))
         num_targets = min(math.ceil(self.mlm_probability * num_real), num_maskable)
-        labels = np.full_like(flat_ids, -100)
+        labels = np.full_like(flat_ids, IGNORE_INDEX)
         masked = flat_ids.copy()
         if num_targets == 0:
             return torch.from_numpy(masked).view_as(input_ids), torch.from_numpy(labels).view_as(input_ids)

@@ -19,13 +19,13 @@ samples costs 3.3 MB per unfinished epoch.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from distil_scale import atomic
 from distil_scale.config import ConfigError
 
 
@@ -74,9 +74,8 @@ class DataPosition:
     def save(self, path: str) -> None:
         """Write atomically (tmp + rename): a crash leaves the old file or the new one, never half of one."""
         arrays = {f"epoch{e}": np.packbits(m) for e, m in self.consumed.items()}
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, num_samples=self.num_samples, start_epoch=self.start_epoch, **arrays)
-        os.replace(tmp, path)
+        with atomic.replacing(path, suffix=".npz") as tmp:
+            np.savez(tmp, num_samples=self.num_samples, start_epoch=self.start_epoch, **arrays)
 
     @classmethod
     def load(cls, path: str) -> DataPosition:

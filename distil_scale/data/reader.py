@@ -24,6 +24,7 @@ from typing import IO
 import numpy as np
 
 from distil_scale.data.tar import Group, tar_samples
+from kernels.measure import one_line
 
 # Our only tar members, decoded with np.frombuffer. Nothing else in a shard is ever read, let alone decoded: the
 # tar reader skips past a `.pyd`/`.pth`/`.pickle`/`.npy` member without loading its bytes.
@@ -76,11 +77,6 @@ def _outside_vocabulary(arrays: list[np.ndarray], vocab_size: int | None) -> set
     return {i for i, ids in enumerate(arrays) if int(ids.min()) < 0 or int(ids.max()) >= vocab_size}
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split())
-    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
-
-
 def read_shard(url: str, *, start: int = 0, stop: int | None = None, vocab_size: int | None = None) -> Iterator[Sample]:
     """(key, ids) for the samples at positions [start, stop) of one shard; any URL `webdataset.gopen` opens.
 
@@ -120,7 +116,7 @@ def read_shard(url: str, *, start: int = 0, stop: int | None = None, vocab_size:
             stream = wds.gopen(url)
             samples = tar_samples(stream)
         except Exception as exc:
-            problems.append(f"cannot be opened ({_one_line(exc)})")
+            problems.append(f"cannot be opened ({one_line(exc)})")
             broken = True
         while samples is not None and (stop is None or position < stop):
             try:
@@ -129,7 +125,7 @@ def read_shard(url: str, *, start: int = 0, stop: int | None = None, vocab_size:
                 ended = True
                 break
             except Exception as exc:
-                problems.append(f"unreadable after {position} samples ({_one_line(exc)})")
+                problems.append(f"unreadable after {position} samples ({one_line(exc)})")
                 broken = True
                 break
             position += 1
@@ -179,5 +175,5 @@ def _close(samples: Generator[Group, None, None] | None, stream: IO[bytes] | Non
     try:
         stream.close()
     except Exception as exc:
-        return _one_line(exc)
+        return one_line(exc)
     return None

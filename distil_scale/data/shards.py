@@ -25,15 +25,15 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import BinaryIO
 
 import datasets
 import numpy as np
 import webdataset as wds
 from transformers import PreTrainedTokenizerFast
 
+from distil_scale import atomic
 from distil_scale.config import ConfigError
 from distil_scale.data.corpus import load_texts
 from distil_scale.data.tokenizer import load_tokenizer, tokenizer_fingerprint
@@ -289,15 +289,6 @@ def _write_shards(
     return {split: writer.close() for split, writer in writers.items()}, counts
 
 
-def _save_atomic(path: str, write: Callable[[BinaryIO], object]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _new_manifest(
     tok: PreTrainedTokenizerFast, out_dir: str, *, max_seq_length: int, splits: dict[str, list[ShardEntry]]
 ) -> Manifest:
@@ -362,13 +353,14 @@ def prepare(
         if bars_were_on:
             datasets.enable_progress_bars()
     tok.save_pretrained(os.path.join(out_dir, "tokenizer"))
-    _save_atomic(os.path.join(out_dir, TOKEN_COUNTS_NAME), lambda f: np.save(f, counts, allow_pickle=False))
+    with atomic.replacing(os.path.join(out_dir, TOKEN_COUNTS_NAME), sync=True) as tmp, open(tmp, "wb") as f:
+        np.save(f, counts, allow_pickle=False)
     manifest = _new_manifest(tok, out_dir, max_seq_length=max_seq_length, splits=splits)
     if heldout_fraction > 0 and not splits["heldout"]:
         warnings.warn(
             f"prepare: no document fell in the heldout split (heldout_fraction={heldout_fraction})", stacklevel=2
         )
-    text = json.dumps(manifest.to_json(), indent=2).encode("utf-8")
-    _save_atomic(os.path.join(out_dir, MANIFEST_NAME), lambda f: f.write(text))
+    text = json.dumps(manifest.to_json(), indent=2)
+    atomic.write_text(os.path.join(out_dir, MANIFEST_NAME), text, sync=True)
     shutil.rmtree(cache_dir, ignore_errors=True)
     return manifest
