@@ -5,10 +5,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 from test_distributed import ENV, ROOT, _free_port
 
 from distil_scale.ablate import PAPER_DELTAS, VARIANTS
+
+pytestmark = pytest.mark.slow  # see pyproject.toml: left out of `make test-fast`
 
 
 def test_ablation_trains_five_variants_and_writes_the_table(tmp_path):

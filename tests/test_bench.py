@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = {"impl", "rows", "dtype", "status", "fwd_ms", "bwd_ms", "full_ms", "peak_mb", "kd_rel_err", "grad_rel_err"}
 
 
+@pytest.mark.slow
 def test_bench_end_to_end(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "kernels.bench", "--rows", "64", "--vocab", "503", "--hidden", "32"]
     cmd += ["--dtypes", "fp32", "--impls", "eager,ours", "--repeats", "1", "--out", str(tmp_path), "--tag", "test"]

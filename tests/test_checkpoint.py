@@ -10,6 +10,8 @@ import pytest
 
 from distil_scale import checkpoint, integrity
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: left out of `make test-fast`
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OLD = os.path.join(ROOT, "tests", "fixtures", "checkpoint-60bcab8")
 ENV = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", MASTER_PORT="29517")

@@ -18,6 +18,7 @@ def _cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_prepare_from_jsonl_writes_shards_and_manifest(tmp_path, tiny_corpus, tiny_tokenizer):
     src = tmp_path / "docs.jsonl"
     with open(tiny_corpus, encoding="utf-8") as f, open(src, "w", encoding="utf-8") as out:
@@ -32,6 +33,7 @@ def test_prepare_from_jsonl_writes_shards_and_manifest(tmp_path, tiny_corpus, ti
     assert sum(s["samples"] for s in train) > 200
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "args, needle",
     [
@@ -52,6 +54,7 @@ def test_user_mistakes_exit_2_with_one_line(tmp_path, tiny_corpus, tiny_tokenize
     assert not (out / "dataset.json").exists() and not (out / "config.json").exists()
 
 
+@pytest.mark.slow
 def test_eval_reports_accuracy_and_perplexity(tmp_path, tiny_dataset, tiny_tokenizer):
     tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer, local_files_only=True)
     torch.manual_seed(0)

@@ -440,6 +440,7 @@ def train_failures(tmp_path_factory):
     return root, results, base.result()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "case, needle",
     [

@@ -11,6 +11,8 @@ import torch
 
 from distil_scale import bench
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: left out of `make test-fast`
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -126,6 +126,7 @@ def _assert_state_equal(model: torch.nn.Module, expected: dict) -> None:
         torch.testing.assert_close(state[name], tensor, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("family", "stage"), CASES)
 def test_export_matches_engine_weights(family, stage, checkpoints, tokenizer_dir, tmp_path):
     save_dir = checkpoints / f"{family}{stage}"
@@ -139,6 +140,7 @@ def test_export_matches_engine_weights(family, stage, checkpoints, tokenizer_dir
     assert os.listdir(tmp_path) == ["export"]  # no temp dir left behind
 
 
+@pytest.mark.slow  # shares the `checkpoints` fixture (DeepSpeed runs)
 def test_export_from_tag_dir_and_fill_mask_pipeline(checkpoints, tokenizer_dir, tmp_path):
     out = export_student(str(checkpoints / "distilbert3" / TAG), str(tmp_path / "export"), tokenizer_dir=tokenizer_dir)
     fill = pipeline("fill-mask", model=out, tokenizer=out)
@@ -148,6 +150,7 @@ def test_export_from_tag_dir_and_fill_mask_pipeline(checkpoints, tokenizer_dir, 
     assert [p["score"] for p in predictions] == sorted((p["score"] for p in predictions), reverse=True)
 
 
+@pytest.mark.slow  # shares the `checkpoints` fixture (DeepSpeed runs)
 def test_reexport_replaces_the_previous_export(checkpoints, tokenizer_dir, tmp_path):
     out = tmp_path / "export"
     export_student(str(checkpoints / "distilbert0"), str(out), tokenizer_dir=None)
@@ -158,6 +161,7 @@ def test_reexport_replaces_the_previous_export(checkpoints, tokenizer_dir, tmp_p
     assert sorted(os.listdir(tmp_path)) == ["export"]
 
 
+@pytest.mark.slow  # shares the `checkpoints` fixture (DeepSpeed runs)
 def test_export_reports_missing_or_foreign_checkpoints(checkpoints, tokenizer_dir, tmp_path):
     with pytest.raises(ConfigError, match="no checkpoint directory at .*missing"):
         export_student(str(tmp_path / "missing"), str(tmp_path / "out"), tokenizer_dir=None)
@@ -168,6 +172,7 @@ def test_export_reports_missing_or_foreign_checkpoints(checkpoints, tokenizer_di
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # shares the `checkpoints` fixture (DeepSpeed runs)
 def test_export_without_latest_takes_newest_complete_tag(checkpoints, tmp_path):
     save_dir = tmp_path / "checkpoints"
     shutil.copytree(checkpoints / "distilbert0", save_dir)
@@ -178,6 +183,7 @@ def test_export_without_latest_takes_newest_complete_tag(checkpoints, tmp_path):
     _assert_state_equal(load_masked_lm(out), torch.load(save_dir / "engine_weights.pt"))
 
 
+@pytest.mark.slow  # shares the `checkpoints` fixture (DeepSpeed runs)
 def test_export_warns_about_a_tag_without_complete_marker(checkpoints, tmp_path):
     tag_dir = tmp_path / "step00000009"
     shutil.copytree(checkpoints / "distilbert0" / TAG, tag_dir)

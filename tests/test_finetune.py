@@ -208,6 +208,7 @@ def test_unclear_text_fields_name_the_columns():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_teacher_learns_the_task_from_csv(task, teacher, capsys):
     results = finetune(teacher, train_data=task["train_csv"], eval_data=task["eval_csv"], **FAST)
     printed = capsys.readouterr().out.splitlines()

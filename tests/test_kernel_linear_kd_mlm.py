@@ -169,6 +169,7 @@ def test_linear_kd_mlm_loss_under_torch_compile_graph_breaks_and_matches():
     close(x_compiled.grad, x_eager.grad.double())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("grad_weights", [None, (5.0, 2.0)])

@@ -229,6 +229,7 @@ def _free_job_port() -> int:
     raise RuntimeError("no free port in 20000-31999")
 
 
+@pytest.mark.slow
 def test_srun_like_tasks_form_a_working_group():
     """Two processes with only SLURM's variables (as `srun -n 2` gives them) join one gloo group."""
     port = _free_job_port()

@@ -11,6 +11,8 @@ import subprocess
 import pytest
 from test_distributed import DEEPSPEED, ENV, _free_port, _train_args
 
+pytestmark = pytest.mark.slow  # see pyproject.toml: left out of `make test-fast`
+
 HOSTFILE = "node-a slots=1\nnode-b slots=1\n"
 ADDRESSES = ("10.77.0.1", "10.77.0.2")  # node-a, node-b on the veth pair
 

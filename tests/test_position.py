@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -54,6 +55,7 @@ def _agree_worker(rank: int, world_size: int, store_path: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_agree_merges_ranks_and_drops_finished_epochs(tmp_path):
     mp.spawn(_agree_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
     for rank in (0, 1):

@@ -49,6 +49,7 @@ def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     return code, out, err
 
 
+@pytest.mark.slow
 def test_speed_table_rows_counts_and_json(tiny_models, tmp_path, capsys):
     out_file = tmp_path / "speed.json"
     argv = ["eval", "--speed", tiny_models["teacher"], tiny_models["student"], TINY_BERT, *FAST]
