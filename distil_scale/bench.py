@@ -312,12 +312,13 @@ class StepResult:
     seq_len: int
     device: str
     dtype: str
-    status: str = "ok"  # ok | OOM
+    status: str = "ok"  # ok | OOM | error
     step_ms: float = math.nan
     tokens_per_s: float = math.nan
     model_tflops: float = math.nan
     mfu: float = math.nan
     peak_mb: float = math.nan
+    note: str = ""  # why a row failed, in one line
 
 
 _OPTIM_LR = 1e-4  # any rate: the step's cost does not depend on it
@@ -413,6 +414,11 @@ def _time_steps(models, impl: str, batch: tuple, *, warmup: int, iters: int, dev
     return statistics.median(times[warmup:])
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
+
+
 def run_step_case(models, impl: str, batch_size: int, seq_len: int, args, device: torch.device) -> StepResult:
     teacher, student, optimizer = models
     dtype = next(student.parameters()).dtype
@@ -424,6 +430,8 @@ def run_step_case(models, impl: str, batch_size: int, seq_len: int, args, device
         res.step_ms = 1e3 * _time_steps(models, impl, batch, warmup=args.warmup, iters=args.iters, device=device)
     except torch.OutOfMemoryError:
         res.status = "OOM"
+    except Exception as e:  # one failing row (a kernel, a shape) is recorded; the other rows still run
+        res.status, res.note = "error", _first_line(e)
     batch = None
     optimizer.zero_grad()
     gc.collect()
@@ -489,6 +497,9 @@ def run_step(args: argparse.Namespace) -> list[StepResult]:
         f"{iters} after {warmup} warm-up; random full-length sequences"
     )
     print(format_step_table(results))
+    for r in results:
+        if r.note:
+            print(f"{r.impl} micro-batch {r.micro_batch_size}: {r.status}, {r.note}")
     peak_note = "torch.cuda.max_memory_allocated" if gpu else "RSS high-water mark of the process"
     print(
         "TFLOP/s and MFU count model FLOPs (distil_scale.flops: teacher forward + 3 x student forward, padded "

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 
-# Before anything imports triton: the Triton kernels then run on CPU tensors through the interpreter.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+# Before anything imports triton. Without a GPU the Triton kernels run on CPU tensors through the interpreter; with
+# one they stay compiled (the interpreter would replace them), and `python -m kernels.verify` checks them on CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 

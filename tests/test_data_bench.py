@@ -128,3 +128,20 @@ def test_step_bench_with_activation_checkpointing(capsys: pytest.CaptureFixture[
         str(ROOT / "configs/models/tiny-bert.json"), torch.device("cpu"), torch.float32, activation_checkpointing=True
     )
     assert student.is_activation_checkpointing
+
+
+def test_a_failing_step_row_is_recorded_and_the_next_rows_run(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    real = bench._time_steps
+
+    def flaky(models, impl, batch, **kw):
+        if impl == "eager":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore detail")
+        return real(models, impl, batch, **kw)
+
+    monkeypatch.setattr(bench, "_time_steps", flaky)
+    args = ["step", "--teacher-config", str(ROOT / "configs/models/tiny-bert.json"), "--micro-batch-size", "1"]
+    results = bench.main([*args, "--seq-len", "8", "--warmup", "0", "--iters", "1"])
+    assert [(r.impl, r.status) for r in results] == [("eager", "error"), ("fused", "ok")]
+    assert results[0].note == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert math.isnan(results[0].tokens_per_s) and results[1].tokens_per_s > 0
+    assert "eager micro-batch 1: error, RuntimeError: CUDA error" in capsys.readouterr().out

@@ -1,15 +1,11 @@
 """cosine: the row primitive and cosine_loss, both implementations, against float64 references."""
 
-import os
+import pytest
+import torch
+from kernel_cases import IMPLS, close, reference_cos
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, so impl="triton" runs on CPU tensors
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_cases import IMPLS, close, reference_cos  # noqa: E402
-
-from kernels import cosine_loss  # noqa: E402
-from kernels.cosine import cosine_rows  # noqa: E402
+from kernels import cosine_loss
+from kernels.cosine import cosine_rows
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:

@@ -1,16 +1,12 @@
 """kd_mlm: the row primitive (Triton through its interpreter, and the torch twin) and kd_mlm_loss, against
 float64 references."""
 
-import os
+import pytest
+import torch
+from kernel_cases import IMPLS, backward_both, close, reference_kd_mlm, rows_data
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, so impl="triton" runs on CPU tensors
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_cases import IMPLS, backward_both, close, reference_kd_mlm, rows_data  # noqa: E402
-
-from kernels import kd_mlm_loss  # noqa: E402
-from kernels.kd_mlm import kd_mlm_rows  # noqa: E402
+from kernels import kd_mlm_loss
+from kernels.kd_mlm import kd_mlm_rows
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:

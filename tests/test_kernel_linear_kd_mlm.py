@@ -1,15 +1,11 @@
 """linear_kd_mlm_loss: both LM heads fused in, both implementations, against float64 references."""
 
-import os
+import pytest
+import torch
+from kernel_cases import IMPLS, backward_both, close, reference_kd_mlm, rows_data
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported, so impl="triton" runs on CPU tensors
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from kernel_cases import IMPLS, backward_both, close, reference_kd_mlm, rows_data  # noqa: E402
-
-from kernels import linear_kd_mlm_loss  # noqa: E402
-from kernels.linear_kd_mlm import logits_into  # noqa: E402
+from kernels import linear_kd_mlm_loss
+from kernels.linear_kd_mlm import logits_into
 
 
 def _close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:

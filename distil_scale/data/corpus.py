@@ -22,11 +22,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import datasets
+from typing import TYPE_CHECKING
 
 from distil_scale import atomic
 from distil_scale.config import ConfigError
+
+if TYPE_CHECKING:  # imported where a corpus is loaded: training from prepared shards never needs `datasets`
+    import datasets
 
 _LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -37,6 +39,8 @@ def load_texts(inputs: list[str], *, text_field: str = "text", cache_dir: str | 
     `cache_dir` holds the Arrow files `datasets` builds from raw files; without it a fresh temporary directory
     is used, so nothing lands in the user's home cache.
     """
+    import datasets
+
     if not inputs:
         raise ConfigError("data.inputs is empty: give at least one .txt/.jsonl/.parquet file or saved dataset dir")
     if cache_dir is None:
@@ -48,6 +52,8 @@ def load_texts(inputs: list[str], *, text_field: str = "text", cache_dir: str | 
 
 
 def _load_one(path: str, *, text_field: str, cache_dir: str) -> datasets.Dataset:
+    import datasets
+
     if not os.path.exists(path):
         raise ConfigError(f"data input {path!r} does not exist")
     if os.path.isdir(path):
@@ -72,6 +78,8 @@ def _load_one(path: str, *, text_field: str, cache_dir: str) -> datasets.Dataset
 
 
 def _load_saved(path: str) -> datasets.Dataset:
+    import datasets
+
     try:
         ds = datasets.load_from_disk(path)
     except FileNotFoundError as exc:

@@ -27,16 +27,19 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
-import datasets
 import numpy as np
-import webdataset as wds
 from transformers import PreTrainedTokenizerFast
 
 from distil_scale import atomic
 from distil_scale.config import ConfigError
 from distil_scale.data.corpus import load_texts
 from distil_scale.data.tokenizer import load_tokenizer, tokenizer_fingerprint
+
+if TYPE_CHECKING:  # both are imported where shards are written: reading prepared shards needs neither
+    import datasets
+    import webdataset as wds
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "dataset.json"
@@ -109,6 +112,8 @@ class ShardSetWriter:
 
     def write(self, ids: np.ndarray) -> None:
         if self._writer is None:
+            import webdataset as wds
+
             pattern = os.path.join(self.out_dir, f"{self.split}-%06d.tar")
             # maxsize=inf: shards roll over on sample count only, so shard i holds samples [i*n, (i+1)*n).
             # encoder=False: bytes in, bytes out; mtime=0: the same input gives byte-identical shards.
@@ -244,6 +249,8 @@ def _clear_previous(out_dir: str) -> None:
 def _tokenize(
     texts: datasets.Dataset, tok: PreTrainedTokenizerFast, *, cache_dir: str, num_proc: int, **kwargs
 ) -> datasets.Dataset:
+    import datasets
+
     fn = functools.partial(_tokenize_batch, tok=tok, **kwargs)
     # An explicit fingerprint: hashing a tokenizer object is slow and, for some, impossible.
     fingerprint = hashlib.sha256(f"{texts._fingerprint}:{tokenizer_fingerprint(tok)}:{kwargs}".encode()).hexdigest()
@@ -321,6 +328,8 @@ def prepare(
     progress: bool = True,
 ) -> Manifest:
     """Tokenize, clean and shard `inputs` into `out_dir`; return the manifest written there last."""
+    import datasets
+
     _check_args(inputs, max_seq_length, samples_per_shard, heldout_fraction)
     tok = load_tokenizer(tokenizer_dir)
     os.makedirs(out_dir, exist_ok=True)
