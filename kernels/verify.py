@@ -19,7 +19,8 @@ there reads NaN wherever the op did not write, and every output must be finite.
 
 Tolerances by dtype: fp32 1e-4 (fp32 arithmetic; 2e-3 when torch lets fp32 GEMMs use tf32); bf16 1e-2 and fp16
 5e-3, where what is rounded to the low precision (a gradient, the GEMM inputs) sets the error. The
-almost-equal student's kd is a difference of nearly equal log-sum-exps: its error is taken relative to T^2 x 1e-3.
+almost-equal student's kd (about 1e-5) is a difference of log-sum-exps of size log V in fp32: its error is taken
+relative to T^2 x 1e-2, at the fp32 tolerance (an absolute 1e-6 T^2).
 
     python -m kernels.verify [--out DIR] [--small] [--dry-run] [--impls triton,torch] [--seed 0]
 
@@ -109,10 +110,10 @@ class Recorder:
     def tol(self, dtype: str) -> float:
         return self.fp32_tol if dtype == "fp32" else TOL[dtype]
 
-    def add(self, case: str, op: str, impl: str, dtype: str, temperature: float, errors: dict[str, float]) -> None:
-        tol = self.tol(dtype)
+    def add(self, case, op, impl, dtype, temperature, errors: dict[str, float], tols: dict | None = None) -> None:
+        """One Check per quantity: padding quantities must be exactly 0, `tols` overrides the dtype's tolerance."""
         for quantity, err in errors.items():
-            limit = 0.0 if quantity.startswith("padding") else tol  # padding rows: exactly zero
+            limit = 0.0 if quantity.startswith("padding") else (tols or {}).get(quantity, self.tol(dtype))
             ok = not math.isnan(err) and err <= limit
             self.checks.append(Check(case, op, impl, dtype, temperature, quantity, err, limit, ok))
 
@@ -200,9 +201,11 @@ def case_kd_mlm_loss(rec, impl, dtype, temperature, scale, sizes, device, gen, *
     (WEIGHTS[0] * kd + WEIGHTS[1] * mlm).backward()
     grad, s_ours = s_ours.grad, None
     name = f"{'near teacher' if near else 'logits'} x{scale:g}" + (" N*V>2^31" if rows else "")
-    floor = temperature**2 * 1e-3 if near else 1e-30
+    # Near the teacher kd (~1e-5) is a difference of log-sum-exps of size log V computed in fp32 from the given
+    # logits, whatever their dtype: its error is measured against T^2 x 1e-2 at fp32's tolerance.
+    floor = temperature**2 * 1e-2 if near else 1e-30
     errors = logits_errors((kd, mlm, grad), s, t, labels, kd_mask, temperature, sizes.ref_rows, floor)
-    rec.add(name, "kd_mlm_loss", impl, dtype, temperature, errors)
+    rec.add(name, "kd_mlm_loss", impl, dtype, temperature, errors, {"kd": rec.fp32_tol} if near else None)
 
 
 def case_linear(rec, impl, dtype, temperature, scale, sizes, device, gen, *, grad_weights):
@@ -298,16 +301,24 @@ def case_cosine(rec, impl, dtype, hidden, sizes, device, gen):
     rec.add(f"cosine H={hidden} ({tiles})", "cosine_loss", impl, dtype, 1.0, errors)
 
 
+def sweep(dtype: str, *, small: bool) -> list[tuple[float, float]]:
+    """(temperature, logit scale) pairs: all of T 1, 2, 4 x scale 3, 100; --small (the interpreter is slow) keeps
+    the temperatures at scale 3 and scale 100 at T = 2 in fp32, and T = 2 at both scales in bf16 and fp16."""
+    if not small:
+        return [(t, s) for t in (1.0, 2.0, 4.0) for s in (3.0, 100.0)]
+    if dtype == "fp32":
+        return [(1.0, 3.0), (2.0, 3.0), (4.0, 3.0), (2.0, 100.0)]
+    return [(2.0, 3.0), (2.0, 100.0)]
+
+
 def run_cases(rec: Recorder, impls: list[str], sizes: Sizes, device: torch.device, seed: int) -> None:
-    """Every case for every impl; --small sweeps the temperatures in fp32 only (the interpreter is slow)."""
+    """Every case for every impl, then the N x V > 2^31 one."""
     gen = torch.Generator(device=device).manual_seed(seed)
     for impl in impls:
         for dtype in DTYPES:
-            small = sizes == SMALL_SIZES and dtype != "fp32"
-            for temperature in (2.0,) if small else (1.0, 2.0, 4.0):
-                for scale in (3.0, 100.0):
-                    case_kd_mlm_loss(rec, impl, dtype, temperature, scale, sizes, device, gen)
-                    case_linear(rec, impl, dtype, temperature, scale, sizes, device, gen, grad_weights=False)
+            for temperature, scale in sweep(dtype, small=sizes == SMALL_SIZES):
+                case_kd_mlm_loss(rec, impl, dtype, temperature, scale, sizes, device, gen)
+                case_linear(rec, impl, dtype, temperature, scale, sizes, device, gen, grad_weights=False)
             case_linear(rec, impl, dtype, 2.0, 3.0, sizes, device, gen, grad_weights=True)
             case_kd_mlm_loss(rec, impl, dtype, 2.0, 3.0, sizes, device, gen, near=True)
             case_rows_poisoned(rec, impl, dtype, sizes, device, gen)
