@@ -71,8 +71,9 @@ def _bench(path: str) -> str:
         return "-"
     parts = []
     largest = max(int(r["rows"]) for r in rows)
+    only_eager = all(r["impl"] == "eager" for r in rows)
     for r in rows:
-        if int(r["rows"]) == largest and r["impl"] != "eager":
+        if int(r["rows"]) == largest and (r["impl"] != "eager" or only_eager):
             parts.append(
                 f"{r['impl']} {r['dtype']} N={largest}: {_num(r, 'full_ms'):.1f} ms "
                 f"{_num(r, 'speedup_vs_eager'):.1f}x eager {_num(r, 'peak_mb'):.0f} MB"
@@ -126,7 +127,9 @@ def figure(stage: str, out: str, work: str, tag: str) -> str:
         wheels = [n for n in os.listdir(".whl") if n.endswith(".whl")] if os.path.isdir(".whl") else []
         if not wheels:
             return "no .whl/ carried"
-        return f"{len(wheels)} wheels, {len(os.listdir(site)) if os.path.isdir(site) else 0} entries in {site}"
+        if not os.path.isdir(site):
+            return f"{len(wheels)} wheels in .whl/, not installed"
+        return f"{len(wheels)} wheels installed into {site}"
     if stage == "verify":
         path = os.path.join(out, "verify.json")
         if not os.path.exists(path):
@@ -152,7 +155,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["figure"] and len(argv) == 5:
         print(figure(*argv[1:]))
         return 0
-    print(__doc__.split("\n\n")[1], file=sys.stderr)
+    print("usage:\n" + __doc__.split("\n\n")[1], file=sys.stderr)
     return 2
 
 
