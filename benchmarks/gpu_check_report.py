@@ -16,6 +16,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import subprocess
 import sys
 
 OPTIONAL = ("deepspeed", "webdataset", "datasets", "liger_kernel", "pydantic", "hjson")
@@ -41,6 +43,10 @@ def preflight() -> int:
     else:
         info["gpu"] = "none"
     info["cpus"] = len(os.sched_getaffinity(0))
+    if shutil.which("nvidia-smi"):
+        query = "--query-gpu=name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,power.limit"
+        smi = subprocess.run(["nvidia-smi", query, "--format=csv,noheader"], capture_output=True, text=True)
+        info["nvidia-smi"] = (smi.stdout or smi.stderr).strip()
     for key, value in info.items():
         print(f"{key:<13} {value}")
     with open(os.path.join(os.environ.get("GPU_CHECK_WORK", "."), "preflight.json"), "w") as f:

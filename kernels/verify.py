@@ -191,11 +191,12 @@ def logits_errors(ours, s, t, labels, kd_mask, temperature, chunk, kd_floor=1e-3
 def case_kd_mlm_loss(rec, impl, dtype, temperature, scale, sizes, device, gen, *, near=False, rows=None, vocab=None):
     n, v = rows or sizes.rows, vocab or sizes.vocab
     labels, kd_mask = row_targets(n, v, gen, device)
-    s = (torch.randn(n, v, generator=gen, device=device) * scale).to(DTYPES[dtype])
+    # In-place scaling: at N x V > 2^31 every fp32 temporary is 8.6 GB.
+    s = torch.randn(n, v, generator=gen, device=device).mul_(scale).to(DTYPES[dtype])
     if near:  # the teacher is the student plus a little noise: q ~ p, kd ~ 1e-5
-        t = (s.float() + 1e-2 * torch.randn(n, v, generator=gen, device=device)).to(DTYPES[dtype])
+        t = torch.randn(n, v, generator=gen, device=device).mul_(1e-2).add_(s.float()).to(DTYPES[dtype])
     else:
-        t = (torch.randn(n, v, generator=gen, device=device) * scale).to(DTYPES[dtype])
+        t = torch.randn(n, v, generator=gen, device=device).mul_(scale).to(DTYPES[dtype])
     s_ours = s.clone().requires_grad_()
     poison_cache(device, 3 * n * v * 4)
     kd, mlm = kd_mlm_loss(s_ours, t, labels, kd_mask, temperature=temperature, impl=impl)
