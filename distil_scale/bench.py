@@ -50,7 +50,7 @@ import torch
 from distil_scale import flops
 from distil_scale.config import Config, DataConfig
 from kernels.contract import IGNORE_INDEX
-from kernels.measure import cell, log, machine, timed, write_csv
+from kernels.measure import cell, log, machine, one_line, timed, write_csv
 
 TARGET_TOKENS_PER_CORE_S = 1e6
 _DATA = DataConfig()
@@ -414,11 +414,6 @@ def _time_steps(models, impl: str, batch: tuple, *, warmup: int, iters: int, dev
     return statistics.median(times[warmup:])
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"[:200]
-
-
 def run_step_case(models, impl: str, batch_size: int, seq_len: int, args, device: torch.device) -> StepResult:
     teacher, student, optimizer = models
     dtype = next(student.parameters()).dtype
@@ -431,7 +426,7 @@ def run_step_case(models, impl: str, batch_size: int, seq_len: int, args, device
     except torch.OutOfMemoryError:
         res.status = "OOM"
     except Exception as e:  # one failing row (a kernel, a shape) is recorded; the other rows still run
-        res.status, res.note = "error", _first_line(e)
+        res.status, res.note = "error", one_line(e)
     batch = None
     optimizer.zero_grad()
     gc.collect()

@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 
 from kernels import IGNORE_INDEX, cosine_loss, kd_mlm_loss, linear_kd_mlm_loss
+from kernels.contract import DTYPES
 from kernels.kd_mlm import kd_mlm_rows, row_coefficients
+from kernels.measure import log, machine
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 5e-3}
 TF32_TOL = 2e-3
 WEIGHTS = (1.3, -0.7)  # the gradients reaching kd and mlm: neither is 1, and they differ
@@ -378,10 +379,6 @@ def write_results(out: str, rec: Recorder, about: dict) -> None:
         json.dump(result, f, indent=1, default=str)
 
 
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def fp32_gemm_tol() -> float:
     """TF32_TOL when torch may run fp32 GEMMs in tf32 on CUDA, else TOL["fp32"]."""
     try:
@@ -416,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32_tol = fp32_gemm_tol() if device.type == "cuda" else TOL["fp32"]
     rec = Recorder(fp32_tol)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
-    about = {"device": device.type, "gpu": gpu, "torch": torch.__version__, "sizes": asdict(sizes)}
+    about = {"machine": machine(), "device": device.type, "gpu": gpu, "sizes": asdict(sizes)}
     about["interpreter"] = os.environ.get("TRITON_INTERPRET") == "1"
     about["fp32_tol"] = fp32_tol
     log(f"[verify] {device.type} ({gpu}), torch {torch.__version__}, sizes {sizes}")
