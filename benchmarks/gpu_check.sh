@@ -59,7 +59,7 @@ if ((DRY)); then
   MORE_STEPS=3
   TAG=cpu
 else
-  # Triton builds every kernel variant on first use (about 30 of them in verify), torch.compile two graphs.
+  # Triton builds every kernel variant on first use (about 20 of them in verify), torch.compile one graph.
   T_PRE=20 T_WHL=20 T_VER=100 T_BENCH=100 T_COMP=60 T_STEP=80 T_TRAIN=90
   VERIFY_ARGS=()
   BENCH_ARGS=(--rows 8192,32768 --dtypes bf16,fp32 --impls eager,ours,ours_torch,liger_fused --repeats 5 --warmup 1)

@@ -472,6 +472,7 @@ def run_step(args: argparse.Namespace) -> list[StepResult]:
         args.teacher_config, device, dtype, activation_checkpointing=args.activation_checkpointing
     )
     results = []
+    path = os.path.join(args.out, f"step-{args.tag or device.type}.csv") if args.out else None
     for impl in args.impls:
         if args.micro_batch_size or not gpu:
             sizes, search = list(args.micro_batch_size or [2, 4]), False
@@ -482,6 +483,8 @@ def run_step(args: argparse.Namespace) -> list[StepResult]:
             res = run_step_case(models, impl, size, seq_len, args, device)
             results.append(res)
             log(f"[bench] {format_step_table(results[-1:]).splitlines()[-1]}")
+            if path:  # after every row: a run stopped by a time limit keeps what it measured
+                write_csv(results, path)
             if search and res.status == "ok" and size * 2 <= args.max_micro_batch_size:
                 sizes.append(size * 2)
     teacher, student, _ = models
@@ -500,9 +503,7 @@ def run_step(args: argparse.Namespace) -> list[StepResult]:
         "TFLOP/s and MFU count model FLOPs (distil_scale.flops: teacher forward + 3 x student forward, padded "
         f"positions); MFU against the dense {str(dtype).removeprefix('torch.')} peak; peak MB = {peak_note}."
     )
-    if args.out:
-        path = os.path.join(args.out, f"step-{args.tag or device.type}.csv")
-        write_csv(results, path)
+    if path:
         print(f"wrote {path}")
     return results
 

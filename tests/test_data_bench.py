@@ -145,3 +145,22 @@ def test_a_failing_step_row_is_recorded_and_the_next_rows_run(monkeypatch: pytes
     assert results[0].note == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert math.isnan(results[0].tokens_per_s) and results[1].tokens_per_s > 0
     assert "eager micro-batch 1: error, RuntimeError: CUDA error" in capsys.readouterr().out
+
+
+def test_step_csv_is_written_after_every_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run stopped part way (a time limit) keeps the rows it measured."""
+    config = SimpleNamespace(num_hidden_layers=2, hidden_size=64, vocab_size=100, n_layers=1)
+    monkeypatch.setattr(bench, "build_step_models", lambda *a, **k: (SimpleNamespace(config=config),) * 2 + (None,))
+    calls = []
+
+    def case(models, impl, size, seq_len, args, device):
+        calls.append(size)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what a stop looks like from here
+        return bench.StepResult(impl, size, seq_len, device.type, "float32", step_ms=1.0)
+
+    monkeypatch.setattr(bench, "run_step_case", case)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["step", "--impls", "fused", "--micro-batch-size", "2", "4", "--out", str(tmp_path), "--tag", "t"])
+    with open(tmp_path / "step-t.csv", newline="") as f:
+        assert [(r["impl"], r["micro_batch_size"]) for r in csv.DictReader(f)] == [("fused", "2")]
