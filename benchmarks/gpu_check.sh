@@ -18,6 +18,7 @@
 # step-<tag>.csv and train-metrics.jsonl. Exit status: 0 when every stage passed, 1 otherwise, 2 for bad usage.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+{ # the whole script is read before it runs: an edit of this file during a run cannot shift what runs next
 
 usage() {
   echo "usage: bash benchmarks/gpu_check.sh [--dry-run] OUT_DIR" >&2
@@ -147,3 +148,4 @@ stage train "$T_TRAIN" train_twice
 echo | tee -a "$LOG"
 tee -a "$LOG" <"$SUMMARY"
 exit $FAILED
+}
