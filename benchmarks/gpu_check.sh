@@ -110,7 +110,7 @@ train_twice() {
   local common=(--config configs/debug.yaml --run.output_dir="$WORK/debug" --loss.impl=fused "${TRAIN_ARGS[@]}")
   if [[ -f .whl/debug-inputs/shards/dataset.json ]]; then  # prepared by `make gpu-wheels`: no `datasets` needed
     common+=(--data.shards="$ROOT/.whl/debug-inputs/shards" --data.tokenizer="$ROOT/.whl/debug-inputs/tokenizer"
-      --data.prepare_from=[])
+      "--data.prepare_from=[]")
   else  # prepared here, into the work folder (this needs `datasets`)
     common+=(--data.shards="$WORK/inputs/shards" --data.tokenizer="$WORK/inputs/tokenizer")
   fi
