@@ -533,7 +533,7 @@ def _csv_list(text: str) -> list[str]:
     return [s.strip() for s in text.split(",") if s.strip()]
 
 
-def run_all(args: argparse.Namespace, device: torch.device) -> tuple[list[Result], list[str]]:
+def run_all(args: argparse.Namespace, device: torch.device, csv_path: str) -> tuple[list[Result], list[str]]:
     """Every (rows, dtype, impl) case in order, eager first in each group; returns the results and the notes."""
     notes: list[str] = []
     impls = _csv_list(args.impls)
@@ -595,6 +595,8 @@ def run_all(args: argparse.Namespace, device: torch.device) -> tuple[list[Result
                         r.speedup_vs_eager = eager.full_ms / r.full_ms
                         r.mem_vs_eager = r.peak_mb / eager.peak_mb if eager.peak_mb > 0 else math.nan
                 results += group
+                if results:  # after every group: a run stopped by a time limit keeps what it measured
+                    write_csv(results, csv_path)
     notes += [f"{impl}: {NOTES[impl]}" for impl in runnable if impl in NOTES]
     return results, notes
 
@@ -634,7 +636,9 @@ def main(argv: list[str] | None = None) -> None:
     tag = args.tag or device.type
     about = machine()
     log(f"[bench] {about}")
-    results, notes = run_all(args, device)
+    os.makedirs(args.out, exist_ok=True)
+    csv_path = os.path.join(args.out, f"kernels-{tag}.csv")
+    results, notes = run_all(args, device, csv_path)
 
     print(
         f"linear KD + MLM loss, fwd + bwd of {KD_WEIGHT:g} kd + {MLM_WEIGHT:g} mlm; V={args.vocab} H={args.hidden} "
@@ -646,10 +650,8 @@ def main(argv: list[str] | None = None) -> None:
     print("x eager = eager full time / this full time; mem/eager = this peak / eager peak; errors relative to eager.")
     for note in notes:
         print(note)
-    os.makedirs(args.out, exist_ok=True)
-    csv_path = os.path.join(args.out, f"kernels-{tag}.csv")
-    write_csv(results, csv_path)
-    print(f"wrote {csv_path}")
+    if results:
+        print(f"wrote {csv_path}")
     png_path = os.path.join(args.out, f"kernels-{tag}.png")
     if write_png(results, png_path, f"linear KD + MLM loss, V={args.vocab}, H={args.hidden} -- {about}"):
         print(f"wrote {png_path}")
