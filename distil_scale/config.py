@@ -68,7 +68,8 @@ class DataConfig:
 
 @dataclass
 class TeacherConfig:
-    # Local Hugging Face masked-LM directory (BERT or RoBERTa family). Empty only for MLM-only runs.
+    # Local Hugging Face masked-LM directory (BERT, RoBERTa / XLM-R, ModernBERT or DeBERTa-v2/v3). Empty only for
+    # MLM-only runs.
     path: str = ""
     # Teacher compute dtype: auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16.
     dtype: str = "auto"
@@ -89,6 +90,9 @@ class StudentConfig:
     num_layers: int | None = None
     # "teacher": copy embeddings, evenly spaced layers and the LM head from the teacher; "random": fresh init.
     init: str = "teacher"
+    # "auto": a DistilBERT for BERT / RoBERTa / XLM-R teachers (the paper's), the teacher's family at reduced depth
+    # for the others (ModernBERT, DeBERTa-v2/v3); "same": the teacher's family for every teacher; "distilbert".
+    architecture: str = "auto"
     # Build this architecture (a Hugging Face config.json) instead of a half-depth DistilBERT: used to
     # pretrain a teacher with the same engine. Implies random init.
     arch_config: str | None = None
@@ -203,6 +207,7 @@ _CHOICES = {
     ("teacher", "dtype"): ("auto", "fp32", "bf16", "fp16"),
     ("train", "precision"): ("auto", "fp32", "bf16", "fp16"),
     ("student", "init"): ("teacher", "random"),
+    ("student", "architecture"): ("auto", "same", "distilbert"),
     ("loss", "impl"): ("eager", "fused"),
     ("train", "zero_stage"): (0, 1, 2, 3),
 }
@@ -329,6 +334,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.tokenizer_vocab_size: must be > 5, got {cfg.data.tokenizer_vocab_size}")
     if cfg.data.url_template is not None and "{name}" not in cfg.data.url_template:
         raise ConfigError(f"data.url_template: {cfg.data.url_template!r} must contain {{name}}")
+    if cfg.student.arch_config and cfg.student.architecture != "auto":
+        raise ConfigError("student.architecture: has no effect with student.arch_config (which builds that config)")
     if cfg.teacher.offload and not cfg.teacher.partition:
         raise ConfigError("teacher.offload: offloading needs a partitioned teacher (set teacher.partition: true)")
     if not cfg.run.output_dir:

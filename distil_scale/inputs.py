@@ -122,7 +122,9 @@ def build_models(cfg: Config, placement: Placement):
         config.vocab_size = manifest.vocab_size
         student = AutoModelForMaskedLM.from_config(config)
     else:
-        student = build_student(teacher, num_layers=cfg.student.num_layers, init=cfg.student.init)
+        student = build_student(
+            teacher, num_layers=cfg.student.num_layers, init=cfg.student.init, architecture=cfg.student.architecture
+        )
     check_vocab(
         teacher_vocab=teacher.config.vocab_size if teacher is not None else student.config.vocab_size,
         student_vocab=student.config.vocab_size,

@@ -1,13 +1,20 @@
 """Teacher loading, student construction and the model-family seams the loss needs.
 
-The student is a DistilBERT: the teacher's width at half its depth, no token-type embeddings, no pooler, a
-vocabulary projector tied to the word embeddings. `build_student(init="teacher")` copies the teacher's
-embeddings, an evenly spaced subset of its layers (12 -> 6 takes [0, 2, 4, 7, 9, 11]) and its MLM head.
+Two kinds of student (`student.architecture`), both at half the teacher's depth by default:
 
-Two teacher quirks are folded in so that the student's embedding output equals the teacher's at init:
-BERT and RoBERTa add token_type_embeddings[0] to every token (nobody passes token_type_ids here), which the
-student has no table for, so that row is added to every student position embedding; RoBERTa numbers positions
-from padding_idx + 1, so the student takes the rows from that offset on.
+- a DistilBERT (the paper's, the default for BERT and RoBERTa / XLM-R teachers): the teacher's width, no
+  token-type embeddings, no pooler, a vocabulary projector tied to the word embeddings;
+- the teacher's own family (the default for ModernBERT and DeBERTa-v2/v3, which a DistilBERT cannot express):
+  the teacher's config with fewer layers, so the student is the teacher cut down to the layers it copies.
+
+`build_student(init="teacher")` copies the teacher's embeddings, a subset of its layers (families.student_layers:
+evenly spaced, 12 -> 6 takes [0, 2, 4, 7, 9, 11]; by attention kind and rhythm for ModernBERT) and its MLM head.
+Where each family keeps those is described once, in distil_scale.families.
+
+For a DistilBERT student two teacher quirks are folded in so that the student's embedding output equals the
+teacher's at init: BERT and RoBERTa add token_type_embeddings[0] to every token (nobody passes token_type_ids
+here), which the student has no table for, so that row is added to every student position embedding; RoBERTa
+numbers positions from padding_idx + 1, so the student takes the rows from that offset on.
 """
 
 from __future__ import annotations
@@ -16,7 +23,6 @@ import contextlib
 import os
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -28,35 +34,21 @@ from transformers import (
     PreTrainedConfig,
     PreTrainedModel,
 )
-from transformers.activations import gelu
 
 from distil_scale.config import ConfigError
+from distil_scale.families import (
+    TEACHER_MODEL_TYPES,
+    Family,
+    family_of,
+    layer_map,
+    student_layers,
+    submodule,
+)
 from kernels.measure import one_line
 
 # DistilBERT hard-codes this LayerNorm epsilon; its config has no field for it.
 _DISTILBERT_LN_EPS = 1e-12
 
-
-@dataclass(frozen=True)
-class _Family:
-    """Where a teacher family keeps the tensors the student is initialised from."""
-
-    prefix: str  # attribute of the encoder inside the masked-LM wrapper
-    transform: str  # the MLM head's dense transform
-    head_norm: str  # the MLM head's LayerNorm
-    projection: str  # the vocabulary projection (weight tied to the word embeddings)
-    offset_positions: bool  # RoBERTa numbers positions from padding_idx + 1
-
-
-_BERT = _Family(
-    "bert",
-    "cls.predictions.transform.dense",
-    "cls.predictions.transform.LayerNorm",
-    "cls.predictions.decoder",
-    offset_positions=False,
-)
-_ROBERTA = _Family("roberta", "lm_head.dense", "lm_head.layer_norm", "lm_head.decoder", offset_positions=True)
-_FAMILIES = {"bert": _BERT, "roberta": _ROBERTA, "xlm-roberta": _ROBERTA, "camembert": _ROBERTA}
 
 # Student layer module -> teacher layer module; both have a weight and a bias.
 _LAYER_NAMES = {
@@ -71,11 +63,13 @@ _LAYER_NAMES = {
 }
 
 
-def _family(config: PreTrainedConfig) -> _Family:
-    family = _FAMILIES.get(config.model_type)
-    if family is None:
+def _distilbert_family(config: PreTrainedConfig) -> Family:
+    """The family of a teacher a DistilBERT student is built from; ConfigError if a DistilBERT cannot express it."""
+    family = family_of(config, teacher=True)
+    if not family.distilbert_student:
         raise ConfigError(
-            f"teacher model_type {config.model_type!r} is not supported; use one of {', '.join(sorted(_FAMILIES))}"
+            f"student.architecture: a DistilBERT cannot express a {config.model_type} teacher "
+            "(set student.architecture to auto or same)"
         )
     if getattr(config, "position_embedding_type", "absolute") != "absolute":
         raise ConfigError(f"teacher position_embedding_type {config.position_embedding_type!r}: only 'absolute' maps")
@@ -83,13 +77,13 @@ def _family(config: PreTrainedConfig) -> _Family:
 
 
 def _position_offset(config: PreTrainedConfig) -> int:
-    return config.pad_token_id + 1 if _family(config).offset_positions else 0
+    return config.pad_token_id + 1 if family_of(config).offset_positions else 0
 
 
 def max_positions(config: PreTrainedConfig) -> int | None:
     """The longest input a model's position table takes (RoBERTa-family rows start past padding_idx)."""
     limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and config.model_type in _FAMILIES:
+    if limit is not None and config.model_type in TEACHER_MODEL_TYPES:
         limit -= _position_offset(config)
     return limit
 
@@ -137,29 +131,51 @@ def load_teacher(path: str, *, dtype: torch.dtype, device: torch.device | str) -
     return model
 
 
-def layer_map(n_teacher: int, n_student: int) -> list[int]:
-    """Evenly spaced teacher layers for each student layer, first and last included (12 -> 6: [0, 2, 4, 7, 9, 11]).
+def _depth(config: PreTrainedConfig, num_layers: int | None) -> int:
+    """The student's depth: `num_layers`, or half the teacher's; validated against the teacher's."""
+    n_layers = max(1, config.num_hidden_layers // 2) if num_layers is None else num_layers
+    layer_map(config.num_hidden_layers, n_layers)  # validates n_layers
+    return n_layers
 
-    Rounds half up in integer arithmetic, so the map does not depend on float rounding. A one-layer student
-    takes the teacher's first layer: it is the only one trained on embedding outputs.
-    """
-    if not 1 <= n_student <= n_teacher:
-        raise ConfigError(f"student num_layers must be between 1 and the teacher's {n_teacher}, got {n_student}")
-    if n_student == 1:
-        return [0]
-    span, steps = n_teacher - 1, n_student - 1
-    return [(2 * i * span + steps) // (2 * steps) for i in range(n_student)]
+
+def student_architecture(teacher_config: PreTrainedConfig, architecture: str = "auto") -> str:
+    """ "distilbert" or "same" (the teacher's family): `architecture` resolved for this teacher ("auto": DistilBERT
+    where it can express the teacher, the paper's student, else the teacher's family)."""
+    family = family_of(teacher_config, teacher=True)
+    if architecture == "auto":
+        return "distilbert" if family.distilbert_student else "same"
+    if architecture not in ("distilbert", "same"):
+        raise ConfigError(f"student.architecture: {architecture!r} is not one of auto, distilbert, same")
+    if architecture == "distilbert":
+        _distilbert_family(teacher_config)
+    return architecture
+
+
+def same_family_config(teacher_config: PreTrainedConfig, *, num_layers: int | None = None) -> PreTrainedConfig:
+    """The teacher's own config at half depth (or `num_layers`); ModernBERT's layers keep the kinds of the teacher
+    layers they copy (which, by the rhythm map, are the teacher's own rhythm)."""
+    t = teacher_config
+    family = family_of(t, teacher=True)
+    n_layers = _depth(t, num_layers)
+    fields = {**t.to_dict(), "num_hidden_layers": n_layers}
+    if family.layer_kinds is not None:
+        kinds = family.layer_kinds(t)
+        picked = [kinds[j] for j in student_layers(t, n_layers)]
+        if hasattr(t, "layer_types"):
+            fields["layer_types"] = picked
+        elif picked != family.layer_kinds(type(t).from_dict(fields)):  # the older rhythm-only config
+            raise ConfigError(f"student.num_layers: {n_layers} layers cannot keep the teacher's attention rhythm")
+    return type(t).from_dict(fields)
 
 
 def student_config(teacher_config: PreTrainedConfig, *, num_layers: int | None = None) -> DistilBertConfig:
     """The teacher's architecture as a DistilBertConfig at half depth (or `num_layers`)."""
     t = teacher_config
-    _family(t)
-    n_layers = max(1, t.num_hidden_layers // 2) if num_layers is None else num_layers
-    layer_map(t.num_hidden_layers, n_layers)  # validates n_layers
+    family = _distilbert_family(t)
+    n_layers = _depth(t, num_layers)
     if not isinstance(t.hidden_act, str):
         raise ConfigError(f"teacher hidden_act must be a named activation, got {t.hidden_act!r}")
-    if _family(t).offset_positions and t.hidden_act != "gelu":
+    if family.offset_positions and t.hidden_act != "gelu":
         warnings.warn(f"RoBERTa's MLM head uses gelu, the student's uses hidden_act {t.hidden_act!r}", stacklevel=2)
     if t.layer_norm_eps != _DISTILBERT_LN_EPS:
         warnings.warn(
@@ -187,7 +203,7 @@ def student_config(teacher_config: PreTrainedConfig, *, num_layers: int | None =
 
 
 def _embedding_tensors(state: dict[str, torch.Tensor], config: PreTrainedConfig, n_pos: int) -> dict:
-    src = f"{_family(config).prefix}.embeddings"
+    src = f"{family_of(config).prefix}.embeddings"
     offset = _position_offset(config)
     positions = state[f"{src}.position_embeddings.weight"][offset : offset + n_pos].float()
     token_type = state.get(f"{src}.token_type_embeddings.weight")
@@ -201,17 +217,16 @@ def _embedding_tensors(state: dict[str, torch.Tensor], config: PreTrainedConfig,
     }
 
 
-def _teacher_tensors(teacher: PreTrainedModel, student_config: DistilBertConfig) -> dict[str, torch.Tensor]:
-    """Student parameter name -> the teacher tensor it is initialised from."""
+def _distilbert_tensors(teacher: PreTrainedModel, student_config: DistilBertConfig) -> dict[str, torch.Tensor]:
+    """DistilBERT student parameter name -> the teacher tensor it is initialised from."""
     config = teacher.config
-    family = _family(config)
+    family = _distilbert_family(config)
     state = teacher.state_dict()
     out = _embedding_tensors(state, config, student_config.max_position_embeddings)
-    for i, j in enumerate(layer_map(config.num_hidden_layers, student_config.n_layers)):
+    for i, j in enumerate(student_layers(config, student_config.n_layers)):
         for s_name, t_name in _LAYER_NAMES.items():
             for kind in ("weight", "bias"):
-                source = f"{family.prefix}.encoder.layer.{j}.{t_name}.{kind}"
-                out[f"distilbert.transformer.layer.{i}.{s_name}.{kind}"] = state[source]
+                out[f"distilbert.transformer.layer.{i}.{s_name}.{kind}"] = state[f"{family.layers}.{j}.{t_name}.{kind}"]
     for s_name, t_name in (("vocab_transform", family.transform), ("vocab_layer_norm", family.head_norm)):
         for kind in ("weight", "bias"):
             out[f"{s_name}.{kind}"] = state[f"{t_name}.{kind}"]
@@ -220,15 +235,38 @@ def _teacher_tensors(teacher: PreTrainedModel, student_config: DistilBertConfig)
     return out
 
 
+def _same_family_tensors(teacher: PreTrainedModel, n_layers: int) -> dict[str, torch.Tensor]:
+    """Same-family student parameter name -> teacher tensor: everything outside the layer stack as it is (the
+    embeddings, DeBERTa's shared relative-position table, the MLM head), layer j of the map renamed to layer i."""
+    layers = family_of(teacher.config).layers + "."
+    renamed = {str(j): str(i) for i, j in enumerate(student_layers(teacher.config, n_layers))}
+    out = {}
+    for name, tensor in teacher.state_dict().items():
+        if not name.startswith(layers):
+            out[name] = tensor
+            continue
+        index, rest = name[len(layers) :].split(".", 1)
+        if index in renamed:
+            out[f"{layers}{renamed[index]}.{rest}"] = tensor
+    return out
+
+
 def build_student(
-    teacher: PreTrainedModel, *, num_layers: int | None = None, init: str = "teacher"
-) -> DistilBertForMaskedLM:
-    """A DistilBertForMaskedLM of the teacher's width, initialised from the teacher or at random (the baseline).
+    teacher: PreTrainedModel, *, num_layers: int | None = None, init: str = "teacher", architecture: str = "auto"
+) -> PreTrainedModel:
+    """The student masked LM, initialised from the teacher or at random (the baseline): a DistilBertForMaskedLM of
+    the teacher's width, or the teacher's own class at reduced depth (see `student_architecture`).
 
     "random" draws from the default generator: seed it first for a reproducible baseline.
     """
     if init not in ("teacher", "random"):
         raise ConfigError(f"student init must be 'teacher' or 'random', got {init!r}")
+    if student_architecture(teacher.config, architecture) == "same":
+        config = same_family_config(teacher.config, num_layers=num_layers)
+        student = type(teacher)(config).float()
+        if init == "teacher":
+            _copy_into(student, _same_family_tensors(teacher, config.num_hidden_layers), buffers=True)
+        return student
     config = student_config(teacher.config, num_layers=num_layers)
     student = DistilBertForMaskedLM(config)
     if init == "random":
@@ -237,13 +275,22 @@ def build_student(
         warnings.warn(
             "teacher's vocab projection is untied; the student's is tied to the word embeddings", stacklevel=2
         )
-    sources = _teacher_tensors(teacher, config)
-    params = dict(student.named_parameters())  # the tied projector weight is listed once, as word_embeddings
-    assert set(params) == set(sources), sorted(set(params) ^ set(sources))
+    _copy_into(student, _distilbert_tensors(teacher, config))
+    return student
+
+
+def _copy_into(student: nn.Module, sources: dict[str, torch.Tensor], *, buffers: bool = False) -> None:
+    """Copy every parameter (and persistent buffer) of the student from `sources`, which must name exactly those.
+
+    Tied parameters are listed once by named_parameters; the sources may hold their other names too."""
+    params = dict(student.named_parameters())
+    if buffers:
+        params.update((name, b) for name, b in student.state_dict(keep_vars=True).items() if name not in params)
+    tied = {n for n in sources if n not in params and n in student.state_dict()}
+    assert set(params) == set(sources) - tied, sorted(set(params) ^ (set(sources) - tied))
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(sources[name])
-    return student
 
 
 def check_vocab(*, teacher_vocab: int, student_vocab: int, tokenizer_vocab: int, what: str = "") -> None:
@@ -267,7 +314,7 @@ def check_vocab(*, teacher_vocab: int, student_vocab: int, tokenizer_vocab: int,
 def mlm_outputs(
     model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits (B, L, V), last hidden state (B, L, H)) of a BERT / RoBERTa / DistilBERT masked LM or its engine.
+    """(logits (B, L, V), last hidden state (B, L, H)) of a masked LM of a known family, or its engine.
 
     No token_type_ids: the student has none, and zeros are what the teacher would use anyway.
     """
@@ -284,35 +331,24 @@ class LMHeadInput(NamedTuple):
     last_hidden: torch.Tensor  # (B, L, H), for the cosine term
 
 
-def _vocab_projection(model: PreTrainedModel) -> nn.Linear:
-    if model.config.model_type == "distilbert":
-        return model.vocab_projector
-    if _family(model.config) is _BERT:
-        return model.cls.predictions.decoder
-    return model.lm_head.decoder
-
-
-def _head_transform(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
-    """The MLM head up to, not including, the vocabulary projection."""
-    if model.config.model_type == "distilbert":
-        return model.vocab_layer_norm(model.activation(model.vocab_transform(hidden)))
-    if _family(model.config) is _BERT:
-        return model.cls.predictions.transform(hidden)
-    head = model.lm_head  # RoBERTa's head applies gelu whatever hidden_act says
-    return head.layer_norm(gelu(head.dense(hidden)))
-
-
 def lm_head_input(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LMHeadInput:
     """Run the encoder and the MLM head up to, not including, the vocabulary projection.
 
-    The model's own forward runs with its projection replaced by the identity, so the (B, L, V) logits never
-    exist and a DeepSpeed engine's hooks run as in any forward. Under ZeRO-3 (a partitioned teacher) the
-    returned weight and bias are partitioned parameters again by the time this returns: gather them before use.
+    The model's own forward runs with its projection replaced (it hands back its input), so the head's transform
+    is computed as that family computes it, the (B, L, V) logits never exist and a DeepSpeed engine's hooks run as
+    in any forward. Under ZeRO-3 (a partitioned teacher) the returned weight and bias are partitioned parameters
+    again by the time this returns: gather them before use.
     """
-    with projection_replaced(model, lambda x, weight, bias: x):
+    seen = []
+
+    def keep(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        seen.append((weight, bias))
+        return x
+
+    with projection_replaced(model, keep):
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-    projection = _vocab_projection(getattr(model, "module", model))
-    return LMHeadInput(out.logits, projection.weight, projection.bias, out.hidden_states[-1])
+    (weight, bias), *_ = seen
+    return LMHeadInput(out.logits, weight, bias, out.hidden_states[-1])
 
 
 @contextlib.contextmanager
@@ -325,8 +361,10 @@ def projection_replaced(model: nn.Module, fn: Callable) -> Iterator[None]:
     engine's forward, whose backward hooks must run before any parameter gradient (engine.forward registers them).
     """
     inner = getattr(model, "module", model)
-    projection = _vocab_projection(inner)
-    projection.forward = lambda x: fn(x, projection.weight, projection.bias)  # shadows the class's forward
+    family = family_of(inner.config)
+    projection = submodule(inner, family.projection)
+    # An instance attribute shadows the class's forward; the module's __call__ (and its hooks) still run.
+    projection.forward = lambda *args: fn(*family.head_input(projection, *args))
     try:
         yield
     finally:
