@@ -348,10 +348,12 @@ def validate(cfg: Config) -> None:
 
 def check_paths(cfg: Config) -> None:
     """Fail before any work when an input path is missing (separate from `validate` so configs load anywhere)."""
-    if cfg.teacher.init_config and not os.path.isfile(cfg.teacher.init_config):
-        raise ConfigError(f"teacher.init_config: file not found: {cfg.teacher.init_config}")
-    if cfg.needs_teacher and not os.path.isdir(cfg.teacher.path) and not cfg.teacher.init_config:
-        raise ConfigError(f"teacher.path: directory not found: {cfg.teacher.path}")
+    # init_config is read only to make a teacher that is missing: an existing teacher.path makes it irrelevant.
+    if cfg.needs_teacher and not os.path.isdir(cfg.teacher.path):
+        if not cfg.teacher.init_config:
+            raise ConfigError(f"teacher.path: directory not found: {cfg.teacher.path}")
+        if not os.path.isfile(cfg.teacher.init_config):
+            raise ConfigError(f"teacher.init_config: file not found: {cfg.teacher.init_config}")
     if cfg.student.arch_config and not os.path.isfile(cfg.student.arch_config):
         raise ConfigError(f"student.arch_config: file not found: {cfg.student.arch_config}")
     manifest = os.path.join(cfg.data.shards, "dataset.json") if not cfg.data.shards.endswith(".json") else ""

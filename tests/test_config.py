@@ -140,3 +140,15 @@ def test_distilbert_base_config_is_the_recipe_on_8_and_64_gpus():
     student = student_config(BertConfig(), num_layers=cfg.student.num_layers)  # BertConfig() is BERT-base
     assert (student.n_layers, student.dim, student.hidden_dim, student.n_heads) == (6, 768, 3072, 12)
     assert layer_map(12, student.n_layers) == [0, 2, 4, 7, 9, 11]
+
+
+def test_init_config_is_only_checked_when_the_teacher_is_missing(tmp_path):
+    """teacher.init_config only says how to make a missing teacher: once teacher.path exists it is not read."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "dataset.json").write_text("{}")
+    overrides = [f"--data.shards={tmp_path}/d", f"--teacher.path={tmp_path}/t", "--teacher.init_config=gone.json"]
+    cfg = load_config(_write(tmp_path, BASE), overrides)
+    with pytest.raises(ConfigError, match="teacher.init_config: file not found: gone.json"):
+        check_paths(cfg)
+    (tmp_path / "t").mkdir()
+    check_paths(cfg)

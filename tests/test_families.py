@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForMaskedLM, DistilBertForMaskedLM, ModernBertConfig
+from transformers import AutoConfig, AutoModelForMaskedLM, DebertaV2Config, DistilBertForMaskedLM, ModernBertConfig
 
 from distil_scale.config import ConfigError, LossConfig, load_config
 from distil_scale.families import FULL, SLIDING, family_of, rhythm_map, student_layers
@@ -205,3 +205,17 @@ def test_fused_loss_equals_eager_per_family(name, architecture):
     assert eager.kd > 0 and eager.mlm > 0 and eager.cos > 0
     for got, want in zip(fused_grads, eager_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "teacher", "expected"),
+    [
+        ("modernbert-base.yaml", ModernBertConfig(), [0, 2, 4, 6, 8, 11, 12, 14, 17, 18, 20]),
+        ("deberta-v3-base.yaml", DebertaV2Config(num_hidden_layers=12, hidden_size=768), [0, 2, 4, 7, 9, 11]),
+    ],
+)
+def test_family_recipes_build_a_same_family_student(recipe, teacher, expected):
+    cfg = load_config(os.path.join(ROOT, "configs", recipe))
+    assert student_architecture(teacher, cfg.student.architecture) == "same"
+    assert student_layers(teacher, cfg.student.num_layers) == expected
+    assert (cfg.loss.impl, cfg.loss.alpha_kd, cfg.loss.alpha_mlm, cfg.loss.alpha_cos) == ("fused", 5.0, 2.0, 1.0)
