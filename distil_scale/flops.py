@@ -11,6 +11,13 @@ feed-forward width f, vocabulary V and L positions per sequence, one forward pas
 
     forward(config, tokens, L) = tokens * (layers * (8 h^2 + 4 L h + 4 h f) + 2 h^2 + 2 h V)
 
+Two families add to a layer: ModernBERT's gated MLP projects up to 2f (gate and value), so its MLP is 6 h f, not
+4 h f; DeBERTa's disentangled attention also scores each query against 2k relative positions (content-to-position)
+and each key against them (position-to-content), 2 * 2 h * 2k more, k = position_buckets (or the relative range)
+when relative_attention is on. (ModernBERT's sliding-window layers are charged the full L: the attention kernels
+compute the masked scores anyway. DeBERTa's projection of the relative table, once per layer and batch, is not
+counted.)
+
 The recipe computes logits at every position for the KD term (eager and fused alike), so the head is charged for
 every position. Embedding lookups, LayerNorm, softmax, GELU, dropout, the losses and the optimizer are not counted
 (they are O(tokens * h) or O(tokens * V) elementwise work, a few percent at BERT-base sizes).
@@ -70,12 +77,24 @@ def shape(config: Any) -> Shape:
     return Shape(**values)
 
 
+def _family_terms(config: Any) -> tuple[bool, int]:
+    """(whether the MLP is gated, relative positions k each query and key is also scored against: 2k columns)."""
+    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
+    gated = get("model_type") == "modernbert"
+    span = 0
+    if get("model_type") in ("deberta-v2", "deberta") and get("relative_attention", False):
+        buckets, max_relative = get("position_buckets", -1) or -1, get("max_relative_positions", -1) or -1
+        span = buckets if buckets > 0 else max_relative if max_relative > 0 else get("max_position_embeddings")
+    return gated, int(span)
+
+
 def forward_flops(config: Any, tokens: int, seq_len: int, *, lm_head: bool = True) -> int:
     """Matmul FLOPs of one forward pass over `tokens` padded positions in sequences of `seq_len` positions."""
     if tokens < 0 or seq_len < 1:
         raise ValueError(f"tokens must be >= 0 and seq_len >= 1, got {tokens} and {seq_len}")
     h, layers, f, vocab = shape(config)
-    per_layer = 4 * 2 * h * h + 2 * 2 * seq_len * h + 2 * 2 * h * f
+    gated, span = _family_terms(config)
+    per_layer = 4 * 2 * h * h + 2 * 2 * seq_len * h + (3 if gated else 2) * 2 * h * f + 2 * 2 * h * 2 * span
     head = 2 * h * h + 2 * h * vocab if lm_head else 0
     return tokens * (layers * per_layer + head)
 

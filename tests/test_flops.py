@@ -80,3 +80,16 @@ def test_peak_is_none_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert peak_flops("bf16") is None
     assert peak_flops("bf16", override=1e12) == 1e12
+
+
+def test_modernbert_and_deberta_layers_count_their_extra_matmuls() -> None:
+    from transformers import DebertaV2Config, ModernBertConfig
+
+    sizes = dict(hidden_size=8, num_hidden_layers=2, intermediate_size=16, vocab_size=10, num_attention_heads=2)
+    base = forward_flops(_bert(), BATCH * SEQ_LEN, SEQ_LEN)
+    # ModernBERT's gated MLP: up to 2f then down, 3 * 2*8*16 = 768 per layer instead of 512; 2 layers, 8 positions.
+    assert forward_flops(ModernBertConfig(**sizes), BATCH * SEQ_LEN, SEQ_LEN) - base == 8 * 2 * 256
+    # DeBERTa with 3 position buckets: c2p and p2c score 2 * 3 relative positions each, 2 * 2*8*6 = 192 per layer.
+    deberta = DebertaV2Config(**sizes, relative_attention=True, position_buckets=3)
+    assert forward_flops(deberta, BATCH * SEQ_LEN, SEQ_LEN) - base == 8 * 2 * 192
+    assert forward_flops(DebertaV2Config(**sizes), BATCH * SEQ_LEN, SEQ_LEN) == base  # no relative attention
