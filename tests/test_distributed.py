@@ -70,6 +70,7 @@ def test_two_ranks_train_checkpoint_resume_export(tmp_path, zero_stage):
     out, inputs = tmp_path / "run", tmp_path / "inputs"
     common = [
         f"--train.zero_stage={zero_stage}",
+        "--loss.impl=fused",  # the BERT family's run of tests/test_distributed_families.py
         "--checkpoint.every_steps=2",
         "--checkpoint.keep_last=2",
         "--data.audit=true",
