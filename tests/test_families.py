@@ -27,6 +27,16 @@ TEACHERS = {
 }
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Matrices of width 32 gain nothing from intra-op threads, and on a busy two-core machine spinning OpenMP
+    # workers made these tests several times slower (as in test_finetune.py).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _teacher(name: str, layers: int | None = None) -> torch.nn.Module:
     path, overrides = TEACHERS[name]
     config = AutoConfig.from_pretrained(os.path.join(ROOT, "configs", "models", path))
