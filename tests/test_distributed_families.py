@@ -9,7 +9,6 @@ rather than through the `deepspeed` runner, which spends two more Python process
 (tests/test_distributed.py covers that launcher)."""
 
 import json
-import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -54,16 +53,19 @@ def inputs(tmp_path_factory):
     return inputs
 
 
-def _ranks(out, inputs, *overrides: str) -> str:
+def _ranks(out, inputs, phase: str, *overrides: str) -> str:
     """Two ranks of cluster/launch.py on this machine; returns rank 0's output once both exited with 0."""
     args = [sys.executable, *_train_args(out, inputs, *overrides)]
     env = dict(ENV, WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    procs = [
-        subprocess.Popen(args, cwd=str(out.parent), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for r in (0, 1)
-    ]  # fmt: skip
-    outputs = [p.communicate(timeout=900)[0] for p in procs]
+    logs = [out.parent / f"{out.name}-{phase}-rank{r}.log" for r in (0, 1)]  # files: no pipe can fill up
+    procs = []
+    for r, log in enumerate(logs):
+        with open(log, "w") as sink:
+            procs.append(subprocess.Popen(args, cwd=str(out.parent), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                                          stdout=sink, stderr=subprocess.STDOUT))  # fmt: skip
+    for proc in procs:
+        proc.wait(timeout=900)
+    outputs = [log.read_text() for log in logs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     return outputs[0]
 
@@ -71,9 +73,9 @@ def _ranks(out, inputs, *overrides: str) -> str:
 def _both_phases(tmp_path, inputs, family: str) -> str:
     """Train 1 step (checkpoint), then resume to 2 and export; returns the second launch's output."""
     out = tmp_path / family
-    _ranks(out, inputs, *_overrides(inputs, family), "--train.max_steps=1", "--checkpoint.export=false")
+    _ranks(out, inputs, "first", *_overrides(inputs, family), "--train.max_steps=1", "--checkpoint.export=false")
     assert (out / "checkpoints" / "step00000001" / "COMPLETE").exists() and not (out / "export").exists()
-    return _ranks(out, inputs, *_overrides(inputs, family), "--train.max_steps=2")
+    return _ranks(out, inputs, "resumed", *_overrides(inputs, family), "--train.max_steps=2")
 
 
 def test_every_family_trains_checkpoints_resumes_and_exports(tmp_path, inputs):
@@ -93,4 +95,5 @@ def test_every_family_trains_checkpoints_resumes_and_exports(tmp_path, inputs):
         fill = pipeline("fill-mask", model=export, tokenizer=export, device="cpu")
         predictions = fill(f"the cat sat on the {fill.tokenizer.mask_token} .")
         assert len(predictions) == 5 and all(p["token_str"] for p in predictions), family
-    assert os.path.isdir(tmp_path / "modernbert" / "checkpoints" / "step00000002")
+    # ZeRO-3 checkpoints hold each rank's partition.
+    assert list((tmp_path / "modernbert" / "checkpoints" / "step00000002").glob("zero_pp_rank_1_*optim_states.pt"))
