@@ -118,6 +118,13 @@ def _ablate(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def _recipe(args: argparse.Namespace, **changes):
+    from distil_scale.finetune import Recipe
+
+    names = ("epochs", "lr", "batch_size", "max_seq_length", "weight_decay", "pooling")
+    return Recipe(**{name: getattr(args, name) for name in names if getattr(args, name, None) is not None}, **changes)
+
+
 def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
     _no_overrides(overrides)
     from distil_scale.finetune import finetune
@@ -126,19 +133,25 @@ def _finetune(args: argparse.Namespace, overrides: list[str]) -> int:
         args.model,
         train_data=args.train,
         eval_data=args.eval,
+        recipe=_recipe(args),
         text_fields=args.text_fields,
         label_field=args.label_field,
         tokenizer_dir=args.tokenizer,
         train_split=args.train_split,
         eval_split=args.eval_split,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        max_seq_length=args.max_seq_length,
-        weight_decay=args.weight_decay,
         seed=args.seed,
         out=args.out,
     )
+    _print_json(args, results)
+    return 0
+
+
+def _downstream(args: argparse.Namespace, overrides: list[str]) -> int:
+    _no_overrides(overrides)
+    from distil_scale.downstream import run_suite
+
+    plan = {"seeds": args.seeds, "lrs": args.lrs, "max_train": args.max_train, "names": args.names}
+    results = run_suite(args.tasks, args.models, recipe=_recipe(args), out=args.out, **plan)
     _print_json(args, results)
     return 0
 
@@ -236,16 +249,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-fields", nargs="+", default=None, help="one or two text columns (default: by usual names)")
     p.add_argument("--label-field", default="label", help="label column: ints or strings (ids = sorted order)")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the model directory)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate: 10%% warmup, then linear decay")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--weight-decay", type=float, default=0.01)
+    _recipe_options(p, lr=5e-5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="write the fine-tuned model, tokenizer and results.json here")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
     p.set_defaults(fn=_finetune)
+
+    p = sub.add_parser("downstream", help="fine-tune every model on every task of a suite: the paper's Table 1")
+    p.add_argument("models", nargs="+", help="masked-LM directories; the first is the teacher (the 100%% reference)")
+    p.add_argument("--tasks", required=True, help="suite directory: one sub-directory (files or `datasets`) per task")
+    p.add_argument("--names", nargs="+", default=None, help="row names of the models (default: directory names)")
+    p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per model, task and learning rate")
+    p.add_argument("--lrs", type=float, nargs="+", default=None, help="learning-rate grid, best mean on dev kept")
+    p.add_argument("--max-train", type=int, default=None, help="use at most this many training examples per task")
+    _recipe_options(p, lr=None)
+    p.add_argument("--out", default=None, help="write downstream.json and downstream.png here; update model cards")
+    p.add_argument("--json", action="store_true", help="also print the results as JSON")
+    p.set_defaults(fn=_downstream)
     return parser
+
+
+def _recipe_options(p: argparse.ArgumentParser, *, lr: float | None) -> None:
+    """The fine-tuning recipe's options; unset ones keep distil_scale.finetune.Recipe's defaults."""
+    if lr is not None:
+        p.add_argument("--lr", type=float, default=lr, help="peak learning rate: 10%% warmup, then linear decay")
+    p.add_argument("--epochs", type=int, default=None, help="default: 3")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 32")
+    p.add_argument("--max-seq-length", type=int, default=None, help="default: 128")
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 0.01")
+    p.add_argument("--pooling", choices=["mean", "cls"], default=None, help="mean over real tokens (default) or [CLS]")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,7 @@ from transformers import AutoModelForMaskedLM, AutoTokenizer, PreTrainedModel, P
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 from distil_scale import atomic
+from distil_scale.card import CARD_FILE, card_for_checkpoint
 from distil_scale.checkpoint import COMPLETE, complete_tags, damage, newest_intact
 from distil_scale.config import ConfigError
 from distil_scale.models import check_vocab
@@ -133,13 +134,17 @@ def model_from_checkpoint(save_dir: Path, tag: str) -> PreTrainedModel:
     return model.eval()
 
 
-def save_pretrained_atomic(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str) -> str:
-    """save_pretrained model (safetensors) and tokenizer (if any) into a temp dir next to out_dir, then rename."""
+def save_pretrained_atomic(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str, *, card: str | None = None
+) -> str:
+    """save_pretrained model (safetensors), tokenizer and card (if any) into a temp dir next to out_dir, then rename."""
     out = Path(out_dir).absolute()
     with atomic.replacing_dir(out) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if card is not None:
+            (tmp / CARD_FILE).write_text(card, encoding="utf-8")  # after the tokenizer: some write a README too
     return str(out)
 
 
@@ -157,7 +162,8 @@ def export_student(checkpoint_dir: str, out_dir: str, *, tokenizer_dir: str | No
     """Write the checkpointed model (and tokenizer) as a Hugging Face directory at out_dir; return its path.
 
     `checkpoint_dir` is a DeepSpeed save dir (its `latest` tag is used) or one `<save_dir>/<tag>`.
-    Without a tokenizer the directory loads with AutoModelForMaskedLM but not with pipeline("fill-mask").
+    Without a tokenizer the directory loads with AutoModelForMaskedLM but not with pipeline("fill-mask"). The
+    directory's README.md is its model card (distil_scale.card), from the checkpoint's config and training state.
     Run it on one process only.
     """
     save_dir, tag = resolve_checkpoint(checkpoint_dir)
@@ -166,4 +172,7 @@ def export_student(checkpoint_dir: str, out_dir: str, *, tokenizer_dir: str | No
     if tokenizer is not None:
         vocab = model.config.vocab_size
         check_vocab(teacher_vocab=vocab, student_vocab=vocab, tokenizer_vocab=len(tokenizer), what="export")
-    return save_pretrained_atomic(model, tokenizer, out_dir)
+    card = card_for_checkpoint(
+        str(save_dir / tag), model.config.to_dict(), parameters=sum(p.numel() for p in model.parameters())
+    )
+    return save_pretrained_atomic(model, tokenizer, out_dir, card=card)

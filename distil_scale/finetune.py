@@ -1,286 +1,109 @@
-"""Fine-tune a teacher or an exported student on a GLUE-style classification task; report accuracy and F1.
+"""Fine-tune a teacher or an exported student on a GLUE-style classification task; report accuracy, F1 and MCC.
 
-MLM accuracy and perplexity (distil_scale.evaluate) say how well a student imitates its teacher; what users
-want to know is how much of the teacher's downstream quality the student keeps. `finetune` answers that the
-usual way: put a fresh classification head on the masked LM's encoder (AutoModelForSequenceClassification),
-train everything on a labelled task and score the held-out split. The same settings for teacher and student
-make their numbers comparable.
+MLM accuracy (distil_scale.evaluate) says how well a student imitates its teacher; what users want to know is how
+much of the teacher's downstream quality the student keeps. `finetune` answers that the usual way: put a fresh
+classification head on the masked LM's encoder, train everything on a labelled task and score the held-out split.
+One `Recipe` for teacher and students makes their numbers comparable (distil_scale.downstream runs a whole suite).
 
-Everything is local: the task comes as .csv/.tsv/.jsonl files or a `datasets.save_to_disk` directory, the model
-and its tokenizer as Hugging Face directories. The training loop is plain torch (AdamW, linear warmup then
-linear decay, gradient clipping at 1.0, batches padded to their own longest sequence) with an evaluation after
-every epoch. The reported result is the last epoch's: choosing the best epoch on the evaluation split would
-tune on the data the score is read from.
+The model is the encoder (AutoModel of the masked-LM directory, the MLM head dropped), a pooling of its last hidden
+states, dropout and one linear layer (init N(0, 0.02), bias 0). Pooling is the mean over real tokens by default.
+That is the fix for small students that stayed at chance: a masked LM trained without next-sentence prediction
+never trains its [CLS] vector (the token is never masked and no loss reads it), so a [CLS] head on a 2-layer model
+starts from a vector that carries next to nothing about the sentence, and BERT's pooler on top of it is random;
+the mean of the token vectors carries what the MLM taught every position. `pooling="cls"` keeps BERT's choice.
 
-Metrics are computed here rather than with sklearn: accuracy, and F1 of the positive class (label id 1) for
-two labels, macro F1 (the unweighted mean of per-class F1) for more, as GLUE reports them.
+Training is plain torch: AdamW (no decay on 1-d parameters, distil_scale.engine.param_groups), linear warmup then
+linear decay, gradient clipping, batches padded to their own longest sequence, the task tokenized once. The
+reported result is the last epoch's: choosing the best epoch on the evaluation split would tune on the data the
+score is read from. Everything is local: tasks as files or `datasets` directories (distil_scale.data.labelled).
 """
 
 from __future__ import annotations
 
-import csv
 import inspect
 import json
 import math
 import os
-import re
 import shutil
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from distil_scale.config import ConfigError
+from distil_scale.data.labelled import Split, load_task
+from distil_scale.engine import param_groups
 from distil_scale.models import check_vocab, max_positions, quiet_transformers
 from kernels.measure import one_line
+from distil_scale.scores import classification_metrics
 
 RESULTS_FILE = "results.json"
-
-# Column names GLUE and similar datasets use for their text, tried in this order when --text-fields is not given.
-# A pair that is present wins over a single field: QNLI's (question, sentence) also has a "sentence" column.
-_TEXT_PAIRS = (
-    ("sentence1", "sentence2"),  # MRPC, RTE, WNLI, STS-B
-    ("question", "sentence"),  # QNLI
-    ("question1", "question2"),  # QQP
-    ("premise", "hypothesis"),  # MNLI, SNLI
-    ("question", "passage"),  # BoolQ
-)
-_TEXT_SINGLES = ("text", "sentence", "content", "review")  # IMDb, SST-2 / CoLA, ...
-
-# Parameters a freshly initialised classification head is made of; any other missing weight means the
-# directory is not the pretrained encoder it claims to be.
-_HEAD_PARTS = ("classifier", "pre_classifier", "pooler")
-
-_INT_LITERAL = re.compile(r"^[+-]?\d+$")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Metrics
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _f1(tp: int, fp: int, fn: int) -> float:
-    # 2PR / (P + R) written with counts; 0 when the class is neither predicted nor present (as sklearn does).
-    denominator = 2 * tp + fp + fn
-    return 2 * tp / denominator if denominator else 0.0
-
-
-def classification_metrics(predictions: Sequence[int], labels: Sequence[int], *, num_labels: int) -> dict:
-    """{"accuracy", "f1", "f1_average"} of predicted label ids against the true ones.
-
-    Two labels: binary F1 of the positive class, label id 1. More: macro F1, the unweighted mean of the
-    per-class F1 over the classes that occur in `labels` or `predictions` (sklearn's average="macro").
-    """
-    if len(predictions) != len(labels):
-        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
-    if not labels:
-        raise ValueError("no examples to score")
-    correct = sum(p == y for p, y in zip(predictions, labels, strict=True))
-    tp = [0] * num_labels
-    fp = [0] * num_labels
-    fn = [0] * num_labels
-    for p, y in zip(predictions, labels, strict=True):
-        if p == y:
-            tp[y] += 1
-        else:
-            fp[p] += 1
-            fn[y] += 1
-    if num_labels == 2:
-        f1, average = _f1(tp[1], fp[1], fn[1]), "binary"
-    else:
-        seen = [c for c in range(num_labels) if tp[c] + fp[c] + fn[c] > 0]
-        f1, average = sum(_f1(tp[c], fp[c], fn[c]) for c in seen) / len(seen), "macro"
-    return {"accuracy": correct / len(labels), "f1": f1, "f1_average": average}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The task: tables, text fields, labels
-# ---------------------------------------------------------------------------------------------------------------
+HEAD_FILE = "head.pt"
+POOLINGS = ("mean", "cls")
+# Encoder parameters a masked-LM directory may lack without being a different model: BERT's pooler, which a
+# masked LM trained without next-sentence prediction does not have (nor use here).
+_OPTIONAL = ("pooler",)
 
 
 @dataclass
-class _Table:
-    """One split of a task, held as columns in memory."""
+class Recipe:
+    """How a model is fine-tuned; the same for a teacher and its students, so that their scores compare."""
 
-    what: str  # "--train" or "--eval": which option to fix when something is wrong
-    path: str
-    columns: dict[str, list]  # column name -> values, in file order; missing cells are None
-    text_cells: bool = False  # read from .csv/.tsv, where every cell is a string ("1" may mean the integer 1)
-    label_names: list[str] | None = None  # names of a `datasets` ClassLabel label column
+    epochs: int = 3
+    lr: float = 5e-5  # peak learning rate, reached after the warmup
+    batch_size: int = 32
+    max_seq_length: int = 128  # tokens per example (a pair: both sentences), truncated longest-first
+    weight_decay: float = 0.01  # on matrices only
+    warmup_ratio: float = 0.1  # fraction of the steps with a linear warmup; linear decay to 0 after
+    dropout: float = 0.1  # on the pooled vector, before the head
+    pooling: str = "mean"  # "mean" over real tokens, or "cls" (the first token's vector)
+    clip_norm: float = 1.0  # gradient norm clipping
+    eval_every_epoch: bool = True  # False: evaluate after the last epoch only (the suite runner's choice)
 
-    def __len__(self) -> int:
-        return len(next(iter(self.columns.values()))) if self.columns else 0
-
-    def column(self, name: str, *, option: str) -> list:
-        if name not in self.columns:
-            raise ConfigError(
-                f"{self.what}: {self.path} has no column {name!r} (columns: {', '.join(self.columns)}); set {option}"
-            )
-        return self.columns[name]
-
-
-def _read_table(path: str, *, what: str, split: str) -> _Table:
-    """A .csv/.tsv/.jsonl/.json file or a `datasets` directory as a _Table; ConfigError when empty or unreadable."""
-    if not os.path.exists(path):
-        raise ConfigError(f"{what}: {path} does not exist")
-    if os.path.isdir(path):
-        table = _read_saved(path, what=what, split=split)
-    else:
-        ext = os.path.splitext(path)[1].lower()
-        if ext in (".csv", ".tsv"):
-            table = _read_delimited(path, what=what, tsv=ext == ".tsv")
-        elif ext in (".jsonl", ".json"):
-            table = _read_json_lines(path, what=what)
-        else:
-            raise ConfigError(f"{what}: {path} has extension {ext!r}; use .csv, .tsv, .jsonl or a `datasets` dir")
-    if len(table) == 0:
-        raise ConfigError(f"{what}: {path} holds no examples")
-    return table
-
-
-def _read_delimited(path: str, *, what: str, tsv: bool) -> _Table:
-    # GLUE's .tsv files contain stray quote characters, so tabs alone separate their fields.
-    dialect = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if tsv else {}
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: a spreadsheet's byte-order mark
-        reader = csv.DictReader(f, **dialect)
-        if not reader.fieldnames:
-            raise ConfigError(f"{what}: {path} is empty (no header row)")
-        columns: dict[str, list] = {name: [] for name in reader.fieldnames}
-        for row in reader:
-            for name in columns:
-                columns[name].append(row.get(name))
-    return _Table(what, path, columns, text_cells=True)
-
-
-def _read_json_lines(path: str, *, what: str) -> _Table:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        if text.lstrip().startswith("["):  # a .json file holding one array of objects
-            records = json.loads(text)
-        else:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"{what}: {path} is not JSON lines ({err})") from err
-    if not all(isinstance(r, dict) for r in records):
-        raise ConfigError(f"{what}: {path} must hold one JSON object per line")
-    names = list(dict.fromkeys(key for r in records for key in r))  # every key, in order of first appearance
-    return _Table(what, path, {name: [r.get(name) for r in records] for name in names})
-
-
-def _read_saved(path: str, *, what: str, split: str) -> _Table:
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(path)
-    except FileNotFoundError as err:
-        raise ConfigError(f"{what}: {path} is a directory but not one saved by datasets.save_to_disk") from err
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            option = "--train-split" if what == "--train" else "--eval-split"
-            raise ConfigError(f"{what}: {path} has no split {split!r} (splits: {', '.join(ds)}); set {option}")
-        ds = ds[split]
-    label_names = None
-    for feature in ds.features.values():
-        if isinstance(feature, datasets.ClassLabel):
-            label_names = list(feature.names)  # there is normally only one ClassLabel column: the label
-    return _Table(what, path, ds.to_dict(), label_names=label_names)
-
-
-def detect_text_fields(columns: Sequence[str]) -> tuple[str, ...]:
-    """The text column(s) among `columns` by their usual names; ConfigError when none or several match."""
-    for candidates in (_TEXT_PAIRS, tuple((name,) for name in _TEXT_SINGLES)):
-        found = [c for c in candidates if all(name in columns for name in c)]
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            options = " or ".join("'" + " ".join(c) + "'" for c in found)
-            raise ConfigError(
-                f"ambiguous text fields: could be {options} (columns: {', '.join(columns)}); set --text-fields"
-            )
-    raise ConfigError(f"no usual text field among columns {', '.join(columns)}; set --text-fields NAME [NAME2]")
-
-
-def _texts(table: _Table, name: str) -> list[str]:
-    values = table.column(name, option="--text-fields")
-    for i, value in enumerate(values):
-        if value is not None and not isinstance(value, str):
-            raise ConfigError(
-                f"{table.what}: {table.path} row {i + 1}: field {name!r} holds {type(value).__name__} "
-                f"{value!r}, not text; set --text-fields"
-            )
-    return ["" if v is None else v for v in values]  # a missing sentence reads as an empty one
-
-
-def _raw_labels(table: _Table, field: str) -> list[int | str]:
-    values = table.column(field, option="--label-field")
-    out: list[int | str] = []
-    for i, value in enumerate(values):
-        if value is None or value == "":
-            raise ConfigError(f"{table.what}: {table.path} row {i + 1} has no {field!r} label")
-        if isinstance(value, bool):
-            value = int(value)
-        if isinstance(value, float):
-            raise ConfigError(
-                f"{table.what}: {table.path} row {i + 1}: label {value!r} is a number with a fraction; "
-                "finetune does classification (int or string labels), not regression"
-            )
-        if not isinstance(value, int | str):
-            raise ConfigError(f"{table.what}: {table.path} row {i + 1}: label {value!r} is not an int or a string")
-        out.append(value)
-    if table.text_cells and all(_INT_LITERAL.match(v) for v in out):  # type: ignore[arg-type]
-        out = [int(v) for v in out]  # a CSV column of integers: "0"/"1" are the ints GLUE uses, sorted as ints
-    if len({type(v) for v in out}) > 1:
-        raise ConfigError(f"{table.what}: {table.path}: label field {field!r} mixes numbers and strings")
-    return out
-
-
-def label_ids(train: _Table, eval_: _Table, field: str) -> tuple[list[int], list[int], list[str]]:
-    """(train ids, eval ids, class names by id). Classes are the train labels sorted (ints as ints).
-
-    A `datasets` ClassLabel column keeps its own ids and names, so "label id 1" stays what the dataset says.
-    """
-    train_raw, eval_raw = _raw_labels(train, field), _raw_labels(eval_, field)
-    if train.label_names is not None:
-        classes: list = list(range(len(train.label_names)))
-        names = train.label_names
-    else:
-        classes = sorted(set(train_raw))
-        names = [str(c) for c in classes]
-    if len(set(train_raw)) < 2:
-        raise ConfigError(
-            f"--train: {train.path} has a single class ({train_raw[0]!r}) in {field!r}; "
-            "classification needs examples of at least two"
-        )
-    index = {c: i for i, c in enumerate(classes)}
-    for table, raw in ((train, train_raw), (eval_, eval_raw)):
-        unseen = sorted({v for v in raw if v not in index}, key=repr)
-        if unseen:
-            shown = ", ".join(repr(v) for v in unseen[:5]) + (", ..." if len(unseen) > 5 else "")
-            raise ConfigError(
-                f"{table.what}: {table.path} has labels {shown} that are not train classes "
-                f"({', '.join(repr(c) for c in classes)}); fix the data or --label-field"
-            )
-    return [index[v] for v in train_raw], [index[v] for v in eval_raw], names
-
-
-@dataclass
-class _Split:
-    texts: tuple[list[str], ...]  # one list per text field
-    labels: list[int]
-
-    def __len__(self) -> int:
-        return len(self.labels)
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
+            raise ConfigError("finetune: need --epochs >= 1, --batch-size >= 1 and --lr > 0")
+        if not 0 <= self.warmup_ratio < 1 or self.weight_decay < 0 or not 0 <= self.dropout < 1:
+            raise ConfigError("finetune: need 0 <= warmup ratio < 1, weight decay >= 0 and 0 <= dropout < 1")
+        if self.max_seq_length < 2:
+            raise ConfigError(f"finetune: --max-seq-length must be at least 2, got {self.max_seq_length}")
+        if self.pooling not in POOLINGS:
+            raise ConfigError(f"finetune: --pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Model, tokenizer, batches
+# The model: encoder, pooling, head
 # ---------------------------------------------------------------------------------------------------------------
+
+
+class Classifier(nn.Module):
+    """A masked LM's encoder with a pooled linear head: logits (B, num_labels) from tokenized inputs."""
+
+    def __init__(self, encoder: PreTrainedModel, num_labels: int, *, pooling: str, dropout: float):
+        super().__init__()
+        self.encoder, self.pooling = encoder, pooling
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+        self.inputs = {"input_ids", "attention_mask", "token_type_ids"} & set(
+            inspect.signature(encoder.forward).parameters
+        )  # BERT takes token_type_ids (segment B of a pair is type 1), DistilBERT has none
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(**{k: v for k, v in inputs.items() if k in self.inputs}).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            weights = inputs["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return self.head(self.dropout(pooled.float()))
 
 
 def _check_model_dir(path: str) -> None:
@@ -290,22 +113,17 @@ def _check_model_dir(path: str) -> None:
         raise ConfigError(f"finetune: {path} is not a Hugging Face masked-LM directory (no config.json)")
 
 
-def load_classifier(path: str, names: list[str]) -> PreTrainedModel:
-    """A sequence classifier (fp32) from a local masked-LM directory: its encoder, and a new head for `names`."""
+def load_encoder(path: str) -> PreTrainedModel:
+    """The encoder (fp32) of a local masked-LM directory; ConfigError when it lacks encoder weights."""
     _check_model_dir(path)
     try:
         with quiet_transformers():
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path,
-                local_files_only=True,
-                dtype=torch.float32,
-                id2label=dict(enumerate(names)),
-                label2id={name: i for i, name in enumerate(names)},
-                output_loading_info=True,
+            model, info = AutoModel.from_pretrained(
+                path, local_files_only=True, dtype=torch.float32, output_loading_info=True
             )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ConfigError(f"finetune: {path} does not hold a loadable masked LM ({one_line(err)})") from err
-    missing = sorted(k for k in info["missing_keys"] if not any(part in k.split(".") for part in _HEAD_PARTS))
+    missing = sorted(k for k in info["missing_keys"] if not any(part in k.split(".") for part in _OPTIONAL))
     if missing:
         # Without its encoder weights the "pretrained" model is a random one, and its score would mean nothing.
         raise ConfigError(f"finetune: {path} lacks encoder weights ({len(missing)} missing, e.g. {missing[0]})")
@@ -325,59 +143,123 @@ def load_task_tokenizer(path: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _input_names(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[str]:
-    # BERT takes token_type_ids (segment B of a pair is type 1), DistilBERT has none: pass what the model accepts.
-    accepted = set(inspect.signature(model.forward).parameters)
-    return {"input_ids", "attention_mask", "token_type_ids"} & accepted & set(tokenizer.model_input_names)
+# ---------------------------------------------------------------------------------------------------------------
+# Data: tokenized once, padded per batch
+# ---------------------------------------------------------------------------------------------------------------
 
 
-def _batches(
-    split: _Split, order: Sequence[int], *, tokenizer, batch_size: int, max_seq_length: int, inputs: set[str], device
+@dataclass
+class Encoded:
+    """A split tokenized once (no padding): token lists per input name, and the label ids."""
+
+    features: dict[str, list[list[int]]]
+    labels: list[int]
+    pad_id: int
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def encode(split: Split, tokenizer: PreTrainedTokenizerBase, max_seq_length: int) -> Encoded:
+    encoded = tokenizer(*split.texts, truncation=True, max_length=max_seq_length)  # pairs: longest-first
+    names = {"input_ids", "attention_mask", "token_type_ids"} & set(encoded)
+    return Encoded({k: encoded[k] for k in names}, split.labels, tokenizer.pad_token_id)
+
+
+def batches(
+    data: Encoded, order: Sequence[int], batch_size: int, device: torch.device
 ) -> Iterator[tuple[dict[str, torch.Tensor], torch.Tensor]]:
-    """(model inputs, labels) per batch of `order`, each padded to its own longest sequence."""
+    """(inputs, labels) per batch of `order`, each padded to its own longest sequence."""
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]
-        texts = [[column[i] for i in rows] for column in split.texts]
-        encoded = tokenizer(
-            *texts, padding="longest", truncation=True, max_length=max_seq_length, return_tensors="pt"
-        )  # pairs are truncated longest-first
-        features = {k: v.to(device) for k, v in encoded.items() if k in inputs}
-        yield features, torch.tensor([split.labels[i] for i in rows], device=device)
+        width = max(len(data.features["input_ids"][i]) for i in rows)
+        inputs = {}
+        for name, column in data.features.items():
+            fill = data.pad_id if name == "input_ids" else 0
+            inputs[name] = torch.tensor([column[i] + [fill] * (width - len(column[i])) for i in rows], device=device)
+        yield inputs, torch.tensor([data.labels[i] for i in rows], device=device)
 
 
-def _evaluate(model: PreTrainedModel, split: _Split, *, num_labels: int, **batching) -> dict:
-    """Eval-mode loss, accuracy and F1 on `split`; the model's train/eval mode is restored afterwards."""
+# ---------------------------------------------------------------------------------------------------------------
+# Steps of a fine-tuning run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build(model_dir: str, num_labels: int, recipe: Recipe, *, seed: int, device: torch.device) -> Classifier:
+    torch.manual_seed(seed)  # the new head's init and dropout
+    model = Classifier(load_encoder(model_dir), num_labels, pooling=recipe.pooling, dropout=recipe.dropout)
+    return model.to(device).train()
+
+
+def optimizer_for(model: nn.Module, recipe: Recipe, total_steps: int):
+    """AdamW over engine.param_groups, with a LambdaLR for linear warmup then linear decay to 0."""
+    warmup = max(1, math.ceil(recipe.warmup_ratio * total_steps))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    optimizer = torch.optim.AdamW(param_groups(model, recipe.weight_decay), lr=recipe.lr)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor), warmup
+
+
+def train_epoch(model, data: Encoded, order: list[int], optimizer, scheduler, recipe: Recipe, device) -> float:
+    """One pass over `data` in `order`; the mean training loss."""
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for inputs, labels in batches(data, order, recipe.batch_size, device):
+        loss = F.cross_entropy(model(**inputs), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip_norm)
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach().double() * len(labels)  # no host sync per step
+    return float(loss_sum) / len(data)  # the epoch's one sync
+
+
+def predict(model: Classifier, data: Encoded, *, batch_size: int, device) -> tuple[list[int], float]:
+    """(predicted label ids, mean eval loss) in eval mode; the model's mode is restored afterwards."""
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=batching["device"])
-    predictions: list[torch.Tensor] = []
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    predictions = []
     try:
         with torch.no_grad():
-            for features, labels in _batches(split, range(len(split)), **batching):
-                logits = model(**features).logits.float()
+            for inputs, labels in batches(data, range(len(data)), batch_size, device):
+                logits = model(**inputs)
                 loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
                 predictions.append(logits.argmax(dim=-1))
     finally:
         model.train(was_training)
-    metrics = classification_metrics(torch.cat(predictions).tolist(), split.labels, num_labels=num_labels)
-    return {"eval_loss": float(loss_sum) / len(split), **metrics}
+    return torch.cat(predictions).tolist(), float(loss_sum) / len(data)
 
 
-def _linear_schedule(total_steps: int, warmup_steps: int):
-    # Multiplier of the peak learning rate: 0 -> 1 over the warmup, then linearly down to 0 at the last step.
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return factor
-
-
-def _param_groups(model: PreTrainedModel, weight_decay: float) -> list[dict]:
-    # The BERT recipe: no weight decay on biases and normalisation weights (all the 1-d parameters).
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+def fit(
+    model_dir: str, train: Encoded, dev: Encoded, num_labels: int, recipe: Recipe, *, seed: int, device, log=None
+) -> tuple[Classifier, list[dict], list[int]]:
+    """Fine-tune `model_dir` on `train`: (model, one dict per epoch, the last epoch's predictions on `dev`)."""
+    model = build(model_dir, num_labels, recipe, seed=seed, device=device)
+    total_steps = math.ceil(len(train) / recipe.batch_size) * recipe.epochs
+    optimizer, scheduler, warmup = optimizer_for(model, recipe, total_steps)
+    generator = torch.Generator().manual_seed(seed)  # the order of the training examples
+    history: list[dict] = []
+    for epoch in range(1, recipe.epochs + 1):
+        start = time.perf_counter()
+        order = torch.randperm(len(train), generator=generator).tolist()
+        train_loss = train_epoch(model, train, order, optimizer, scheduler, recipe, device)
+        if not math.isfinite(train_loss):
+            raise ConfigError(f"finetune: the training loss is {train_loss} in epoch {epoch}; lower --lr")
+        row = {"epoch": epoch, "train_loss": train_loss, "total_steps": total_steps, "warmup_steps": warmup}
+        if recipe.eval_every_epoch or epoch == recipe.epochs:
+            predictions, eval_loss = predict(model, dev, batch_size=2 * recipe.batch_size, device=device)
+            metrics = classification_metrics(predictions, dev.labels, num_labels=num_labels)
+            row.update(eval_loss=eval_loss, **{k: metrics[k] for k in ("accuracy", "f1", "mcc")})
+        row["seconds"] = time.perf_counter() - start
+        history.append(row)
+        if log is not None:
+            log(row)
+    return model, history, predictions
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -385,32 +267,26 @@ def _param_groups(model: PreTrainedModel, weight_decay: float) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _check_out(out: str, protected: Sequence[str]) -> Path:
+def check_out(out: str, protected: Sequence[str], *, marker: str = RESULTS_FILE, what: str = "finetune") -> Path:
     """Refuse an --out that would overwrite the inputs or a directory this command did not write."""
     path = Path(out).absolute()
     if any(os.path.exists(p) and path.resolve() == Path(p).resolve() for p in protected):
-        raise ConfigError(f"finetune: --out {out} is an input directory; choose a new one")
+        raise ConfigError(f"{what}: --out {out} is an input directory; choose a new one")
     if path.exists() and not path.is_dir():
-        raise ConfigError(f"finetune: --out {out} exists and is not a directory")
-    if path.is_dir() and any(path.iterdir()) and not (path / RESULTS_FILE).is_file():
-        raise ConfigError(f"finetune: --out {out} is a non-empty directory not written by finetune; choose another")
+        raise ConfigError(f"{what}: --out {out} exists and is not a directory")
+    if path.is_dir() and any(path.iterdir()) and not (path / marker).is_file():
+        raise ConfigError(f"{what}: --out {out} is a non-empty directory not written by {what}; choose another")
     return path
 
 
-def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, results: dict, out: Path) -> None:
-    """Model, tokenizer and results.json into a temp dir next to `out`, then renamed into place.
-
-    A crash leaves the temp dir (removed on the way out when possible) and never a complete-looking `out`.
-    A previous finetune output at `out` is moved aside first: rename(2) cannot replace a non-empty directory.
-    """
+def replace_dir(write, out: Path) -> None:
+    """`write(tmp)` into a temp dir next to `out`, then renamed into place; a crash never leaves a complete-looking
+    `out`. A previous output at `out` is moved aside first: rename(2) cannot replace a non-empty directory."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        with quiet_transformers():
-            model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        with open(tmp / RESULTS_FILE, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
+        tmp.mkdir()
+        write(tmp)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
             os.replace(out, old)
@@ -422,10 +298,28 @@ def _save(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, results: d
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _f1_description(results: dict) -> str:
-    if results["f1_average"] == "binary":
-        return f"binary, positive class {results['positive_label']!r} = label id 1"
-    return f"macro over {len(results['labels'])} classes"
+def save(model: Classifier, tokenizer: PreTrainedTokenizerBase, results: dict, out: Path) -> None:
+    """The encoder (a Hugging Face directory), the head, the tokenizer and results.json, atomically."""
+
+    def write(tmp: Path) -> None:
+        with quiet_transformers():
+            model.encoder.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        torch.save({"head": model.head.state_dict(), "pooling": model.pooling}, tmp / HEAD_FILE)
+        with open(tmp / RESULTS_FILE, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+
+    replace_dir(write, out)
+
+
+def load_finetuned(path: str) -> tuple[Classifier, PreTrainedTokenizerBase, list[str]]:
+    """(model in eval mode, tokenizer, class names) of a directory written by `finetune --out`."""
+    with open(os.path.join(path, RESULTS_FILE), encoding="utf-8") as f:
+        names = json.load(f)["labels"]
+    head = torch.load(os.path.join(path, HEAD_FILE), map_location="cpu", weights_only=True)
+    model = Classifier(load_encoder(path), len(names), pooling=head["pooling"], dropout=0.0)
+    model.head.load_state_dict(head["head"])
+    return model.eval(), load_task_tokenizer(path), names
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -438,110 +332,41 @@ def finetune(
     *,
     train_data: str,
     eval_data: str,
+    recipe: Recipe | None = None,
     text_fields: Sequence[str] | None = None,
     label_field: str = "label",
     tokenizer_dir: str | None = None,
     train_split: str = "train",
     eval_split: str = "validation",
-    epochs: int = 3,
-    lr: float = 5e-5,
-    batch_size: int = 32,
-    max_seq_length: int = 128,
-    weight_decay: float = 0.01,
-    warmup_ratio: float = 0.1,
     seed: int = 0,
     out: str | None = None,
     device: torch.device | str | None = None,
 ) -> dict:
     """Fine-tune the masked LM in `model_dir` on (train_data, eval_data); print progress and return the results.
 
-    The results dict holds the task, the settings, metrics per epoch and the final (last epoch) metrics; with
-    `out` it is also written as results.json next to the fine-tuned model and its tokenizer.
+    The results dict holds the task, the recipe, metrics per epoch and the final (last epoch) metrics; with `out`
+    it is also written as results.json next to the fine-tuned encoder, its head and tokenizer.
     """
     start = time.perf_counter()
-    if epochs < 1 or batch_size < 1 or not lr > 0 or not 0 <= warmup_ratio < 1 or weight_decay < 0:
-        raise ConfigError(
-            "finetune: need --epochs >= 1, --batch-size >= 1, --lr > 0, 0 <= warmup ratio < 1, weight decay >= 0"
-        )
-    if max_seq_length < 2:
-        raise ConfigError(f"finetune: --max-seq-length must be at least 2, got {max_seq_length}")
+    recipe = recipe or Recipe()
+    recipe.check()
     tokenizer_dir = tokenizer_dir or model_dir
-    out_path = _check_out(out, [model_dir, tokenizer_dir, train_data, eval_data]) if out else None
-
+    out_path = check_out(out, [model_dir, tokenizer_dir, train_data, eval_data]) if out else None
     # The task, validated before the model is loaded: data mistakes are the common ones.
-    train = _read_table(train_data, what="--train", split=train_split)
-    eval_ = _read_table(eval_data, what="--eval", split=eval_split)
-    if text_fields:
-        if len(text_fields) > 2:
-            raise ConfigError(f"--text-fields takes one or two names, got {len(text_fields)}")
-        fields = tuple(text_fields)
-    else:
-        try:
-            fields = detect_text_fields(list(train.columns))
-        except ConfigError as err:
-            raise ConfigError(f"--train: {train.path}: {err}") from None
-    train_ids, eval_ids, names = label_ids(train, eval_, label_field)
-    train_split_ = _Split(tuple(_texts(train, f) for f in fields), train_ids)
-    eval_split_ = _Split(tuple(_texts(eval_, f) for f in fields), eval_ids)
-
-    torch.manual_seed(seed)  # the new head's init, dropout, and (below) the order of the training examples
+    task = dict(text_fields=text_fields, label_field=label_field, train_split=train_split, eval_split=eval_split)
+    train, dev, names, fields = load_task(train_data, eval_data, **task)
     _check_model_dir(model_dir)
     tokenizer = load_task_tokenizer(tokenizer_dir)  # before the model: it is the quicker one to find wrong
-    model = load_classifier(model_dir, names)
-    vocab = model.config.vocab_size
-    check_vocab(teacher_vocab=vocab, student_vocab=vocab, tokenizer_vocab=len(tokenizer), what="finetune")
-    limit = max_positions(model.config)
-    if limit is not None and max_seq_length > limit:
-        raise ConfigError(f"finetune: --max-seq-length {max_seq_length} exceeds the model's {limit} positions")
-
+    _check_fits(model_dir, tokenizer, recipe)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    model.train()
-    batching = {
-        "tokenizer": tokenizer,
-        "batch_size": batch_size,
-        "max_seq_length": max_seq_length,
-        "inputs": _input_names(model, tokenizer),
-        "device": device,
-    }
-    steps_per_epoch = math.ceil(len(train_split_) / batch_size)
-    total_steps = steps_per_epoch * epochs
-    warmup_steps = max(1, math.ceil(warmup_ratio * total_steps))
-    optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(total_steps, warmup_steps))
-    generator = torch.Generator().manual_seed(seed)
-
-    task = (
-        f"{len(train_split_)} train / {len(eval_split_)} eval examples, {len(names)} classes, text {'+'.join(fields)}"
+    train_enc, dev_enc = (encode(s, tokenizer, recipe.max_seq_length) for s in (train, dev))
+    steps = math.ceil(len(train) / recipe.batch_size) * recipe.epochs
+    described = f"{len(train)} train / {len(dev)} eval examples, {len(names)} classes, text {'+'.join(fields)}"
+    print(f"distil-scale: fine-tuning {model_dir} on {described}, {steps} steps on {device}", flush=True)
+    model, history, _ = fit(
+        model_dir, train_enc, dev_enc, len(names), recipe, seed=seed, device=device, log=_print_epoch(recipe.epochs)
     )
-    print(f"distil-scale: fine-tuning {model_dir} on {task}, {total_steps} steps on {device}", flush=True)
-    history = []
-    for epoch in range(1, epochs + 1):
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        order = torch.randperm(len(train_split_), generator=generator).tolist()
-        for features, labels in _batches(train_split_, order, **batching):
-            loss = F.cross_entropy(model(**features).logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach().double() * len(labels)  # no host sync per step
-        train_loss = float(loss_sum) / len(train_split_)
-        if not math.isfinite(train_loss):
-            raise ConfigError(f"finetune: the training loss is {train_loss} in epoch {epoch}; lower --lr")
-        metrics = _evaluate(model, eval_split_, num_labels=len(names), **batching)
-        seconds = time.perf_counter() - epoch_start
-        scores = {k: metrics[k] for k in ("eval_loss", "accuracy", "f1")}
-        history.append({"epoch": epoch, "train_loss": train_loss, **scores, "seconds": seconds})
-        print(
-            f"epoch {epoch}/{epochs}: train loss {train_loss:.4f}, eval loss {metrics['eval_loss']:.4f}, "
-            f"accuracy {metrics['accuracy']:.4f}, F1 {metrics['f1']:.4f} ({seconds:.1f}s)",
-            flush=True,
-        )
-
-    final = {k: history[-1][k] for k in ("accuracy", "f1", "eval_loss")}
+    final = {k: history[-1][k] for k in ("accuracy", "f1", "mcc", "eval_loss")}
     results = {
         "model": model_dir,
         "train": train_data,
@@ -549,22 +374,15 @@ def finetune(
         "text_fields": list(fields),
         "label_field": label_field,
         "labels": names,
-        "num_train": len(train_split_),
-        "num_eval": len(eval_split_),
-        "f1_average": metrics["f1_average"],
+        "num_train": len(train),
+        "num_eval": len(dev),
+        "f1_average": "binary" if len(names) == 2 else "macro",
         "positive_label": names[1] if len(names) == 2 else None,
         "final": final,
         "epochs": history,
+        "recipe": asdict(recipe),
         "settings": {
             "tokenizer": tokenizer_dir,
-            "epochs": epochs,
-            "lr": lr,
-            "batch_size": batch_size,
-            "max_seq_length": max_seq_length,
-            "weight_decay": weight_decay,
-            "warmup_ratio": warmup_ratio,
-            "warmup_steps": warmup_steps,
-            "total_steps": total_steps,
             "seed": seed,
             "device": str(device),
             "train_split": train_split if os.path.isdir(train_data) else None,
@@ -574,12 +392,46 @@ def finetune(
         "out": str(out_path) if out_path else None,
     }
     if out_path is not None:
-        _save(model, tokenizer, results, out_path)
-    saved = f"; saved to {out_path}" if out_path else ""
-    scores = f"accuracy {final['accuracy']:.4f}, F1 {final['f1']:.4f} ({_f1_description(results)})"
+        save(model, tokenizer, results, out_path)
+    _print_final(results)
+    return results
+
+
+def _check_fits(model_dir: str, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    check_vocab(
+        teacher_vocab=config.vocab_size,
+        student_vocab=config.vocab_size,
+        tokenizer_vocab=len(tokenizer),
+        what="finetune",
+    )
+    limit = max_positions(config)
+    if limit is not None and recipe.max_seq_length > limit:
+        raise ConfigError(f"finetune: --max-seq-length {recipe.max_seq_length} exceeds the model's {limit} positions")
+
+
+def _print_epoch(epochs: int):
+    def log(row: dict) -> None:
+        scores = f", eval loss {row['eval_loss']:.4f}, accuracy {row['accuracy']:.4f}, F1 {row['f1']:.4f}, "
+        scores += f"MCC {row['mcc']:.4f}"
+        shown = scores if "accuracy" in row else ""
+        print(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}{shown} ({row['seconds']:.1f}s)")
+
+    return log
+
+
+def _print_final(results: dict) -> None:
+    final = results["final"]
+    if results["f1_average"] == "binary":
+        average = f"binary, positive class {results['positive_label']!r} = label id 1"
+    else:
+        average = f"macro over {len(results['labels'])} classes"
+    saved = f"; saved to {results['out']}" if results["out"] else ""
     print(
-        f"distil-scale: {model_dir}: {scores} "
-        f"on {len(eval_split_)} eval examples after {epochs} epochs in {results['seconds']:.1f}s{saved}",
+        f"distil-scale: {results['model']}: accuracy {final['accuracy']:.4f}, F1 {final['f1']:.4f} ({average}), "
+        f"MCC {final['mcc']:.4f} on {results['num_eval']} eval examples after {results['recipe']['epochs']} epochs "
+        f"in {results['seconds']:.1f}s{saved}",
         flush=True,
     )
-    return results

@@ -17,13 +17,15 @@ import random
 import datasets
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, BertForMaskedLM
+from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
 
 from distil_scale.cli import main
 from distil_scale.config import ConfigError
+from distil_scale.data.labelled import detect_text_fields
 from distil_scale.data.tokenizer import train_wordpiece
-from distil_scale.finetune import classification_metrics, detect_text_fields, finetune
+from distil_scale.finetune import Recipe, finetune, load_finetuned
 from distil_scale.models import build_student
+from distil_scale.scores import classification_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKERS = ("dog", "cat", "owl", "fox")
@@ -31,6 +33,10 @@ CITIES = ("paris", "rome", "oslo", "lima", "cairo", "tokyo")
 # Settings that make the tiny model learn the tiny task in seconds: a large learning rate for a random init.
 # It sits on the plateau at chance for two or three epochs, then reaches ~100% eval accuracy within one more.
 FAST = {"epochs": 5, "lr": 5e-4, "batch_size": 16, "max_seq_length": 32}
+
+
+def fast(**changes) -> Recipe:
+    return Recipe(**{**FAST, **changes})
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,15 +166,20 @@ def student(teacher, tmp_path_factory) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+BINARY = {"f1_average": "binary"}
+# tp 2, tn 1, fp 1, fn 1: MCC = (tp tn - fp fn) / sqrt((tp + fp)(tp + fn)(tn + fp)(tn + fn)) = 1 / sqrt(3 * 3 * 2 * 2)
+MCC = {"mcc": pytest.approx(1 / 6)}
+
+
 def test_binary_f1_is_that_of_label_id_1():
     # tp = 2 (rows 0, 4), fp = 1 (row 1), fn = 1 (row 3): F1 = 2*2 / (2*2 + 1 + 1)
     m = classification_metrics([1, 1, 0, 0, 1], [1, 0, 0, 1, 1], num_labels=2)
-    assert m == {"accuracy": pytest.approx(3 / 5), "f1": pytest.approx(4 / 6), "f1_average": "binary"}
+    assert m == {"accuracy": pytest.approx(3 / 5), "f1": pytest.approx(4 / 6), "f1_average": "binary", **MCC}
     # Class 0 is right every time, but F1 is about class 1: never predicted, so 0.
     assert classification_metrics([0, 0, 0, 0], [0, 0, 0, 1], num_labels=2)["f1"] == 0
     assert classification_metrics([0, 1, 1], [0, 1, 1], num_labels=2)["f1"] == 1
     # No positive anywhere: precision and recall are 0/0; F1 reads 0 as in sklearn.
-    assert classification_metrics([0, 0], [0, 0], num_labels=2) == {"accuracy": 1, "f1": 0, "f1_average": "binary"}
+    assert classification_metrics([0, 0], [0, 0], num_labels=2) == {"accuracy": 1, "f1": 0, "mcc": 0, **BINARY}
 
 
 def test_macro_f1_averages_the_classes_equally():
@@ -177,7 +188,11 @@ def test_macro_f1_averages_the_classes_equally():
     # class 0: tp 1, fp 1, fn 1 -> 1/2;  class 1: tp 2, fp 1, fn 0 -> 4/5;  class 2: tp 1, fp 0, fn 1 -> 2/3
     expected = (1 / 2 + 4 / 5 + 2 / 3) / 3
     m = classification_metrics(predictions, labels, num_labels=3)
-    assert m == {"accuracy": pytest.approx(4 / 6), "f1": pytest.approx(expected), "f1_average": "macro"}
+    assert {k: m[k] for k in ("accuracy", "f1", "f1_average")} == {
+        "accuracy": pytest.approx(4 / 6),
+        "f1": pytest.approx(expected),
+        "f1_average": "macro",
+    }
     # A class neither present nor predicted is left out of the mean, as sklearn's average="macro" does.
     assert classification_metrics(predictions, labels, num_labels=4)["f1"] == pytest.approx(expected)
     assert classification_metrics([2, 1, 0], [0, 1, 2], num_labels=3)["f1"] == pytest.approx(1 / 3)
@@ -210,7 +225,7 @@ def test_unclear_text_fields_name_the_columns():
 
 @pytest.mark.slow
 def test_teacher_learns_the_task_from_csv(task, teacher, capsys):
-    results = finetune(teacher, train_data=task["train_csv"], eval_data=task["eval_csv"], **FAST)
+    results = finetune(teacher, train_data=task["train_csv"], eval_data=task["eval_csv"], recipe=fast())
     printed = capsys.readouterr().out.splitlines()
     assert results["final"]["accuracy"] >= 0.75 and results["final"]["f1"] >= 0.75, printed
     assert results["labels"] == ["0", "1"] and results["positive_label"] == "1"  # CSV "0"/"1" read as ints
@@ -218,9 +233,9 @@ def test_teacher_learns_the_task_from_csv(task, teacher, capsys):
     assert (results["num_train"], results["num_eval"]) == (480, 200)
     assert [e["epoch"] for e in results["epochs"]] == [1, 2, 3, 4, 5]
     assert results["final"]["accuracy"] == results["epochs"][-1]["accuracy"]  # the last epoch, not the best
-    assert results["settings"]["total_steps"] == 5 * 30 and results["settings"]["warmup_steps"] == 15
+    assert results["epochs"][0]["total_steps"] == 5 * 30 and results["epochs"][0]["warmup_steps"] == 15
     epoch_lines = [line for line in printed if line.startswith("epoch ")]
-    assert len(epoch_lines) == 5 and all("accuracy" in line and "F1" in line for line in epoch_lines)
+    assert len(epoch_lines) == 5 and all("accuracy" in line and "MCC" in line for line in epoch_lines)
     assert "positive class '1' = label id 1" in printed[-1] and results["out"] is None
 
 
@@ -237,20 +252,20 @@ def test_student_learns_the_task_from_jsonl_through_the_cli(task, student, tmp_p
     # The output directory: model, tokenizer, results.json; nothing else left beside it.
     assert json.loads((out / "results.json").read_text()) == results
     assert results["out"] == str(out)
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= set(os.listdir(out))
+    files = {"config.json", "model.safetensors", "head.pt", "tokenizer.json", "tokenizer_config.json"}
+    assert files <= set(os.listdir(out))
     assert os.listdir(out.parent) == ["sst-like"]
-    model = AutoModelForSequenceClassification.from_pretrained(str(out)).eval()
-    assert model.config.model_type == "distilbert" and model.config.id2label == {0: "no", 1: "yes"}
+    model, tokenizer, names = load_finetuned(str(out))
+    assert model.encoder.config.model_type == "distilbert" and names == ["no", "yes"] and model.pooling == "mean"
 
     # The saved model is the one that was scored: its predictions give the reported metrics.
-    tokenizer = AutoTokenizer.from_pretrained(str(out))
     with open(task["eval_jsonl"], encoding="utf-8") as f:
         rows = [json.loads(line) for line in f]
     encoded = tokenizer(
         [r["sentence"] for r in rows], padding=True, truncation=True, max_length=32, return_tensors="pt"
     )
     with torch.no_grad():
-        predictions = model(**encoded).logits.argmax(-1).tolist()
+        predictions = model(**encoded).argmax(-1).tolist()
     labels = [int(r["label"] == "yes") for r in rows]
     metrics = classification_metrics(predictions, labels, num_labels=2)
     assert metrics["accuracy"] == pytest.approx(results["final"]["accuracy"], abs=0.011)
@@ -258,7 +273,7 @@ def test_student_learns_the_task_from_jsonl_through_the_cli(task, student, tmp_p
 
 
 def test_sentence_pairs_from_a_saved_dataset_dict(task, teacher):
-    results = finetune(teacher, train_data=task["pairs"], eval_data=task["pairs"], **{**FAST, "epochs": 1})
+    results = finetune(teacher, train_data=task["pairs"], eval_data=task["pairs"], recipe=fast(epochs=1))
     assert results["text_fields"] == ["sentence1", "sentence2"]
     assert (results["settings"]["train_split"], results["settings"]["eval_split"]) == ("train", "validation")
     assert (results["num_train"], results["num_eval"]) == (480, 200)
@@ -275,9 +290,7 @@ def test_a_failed_save_leaves_the_previous_output_alone(task, teacher, tmp_path,
 
     monkeypatch.setattr("distil_scale.finetune.json.dump", full_disk)
     with pytest.raises(OSError, match="No space left"):
-        finetune(
-            teacher, train_data=task["train_csv"], eval_data=task["eval_csv"], out=str(out), **{**FAST, "epochs": 1}
-        )
+        finetune(teacher, train_data=task["train_csv"], eval_data=task["eval_csv"], out=str(out), recipe=fast(epochs=1))
     assert os.listdir(tmp_path) == ["out"] and os.listdir(out) == ["results.json"]  # no temp dir left either
     assert json.loads((out / "results.json").read_text()) == {"previous": True}
 
