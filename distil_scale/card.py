@@ -27,15 +27,15 @@ TAG = "distil-scale"
 
 def _training_rows(config: dict, state: dict) -> list[tuple[str, str]]:
     loss, optim, train, data = config["loss"], config["optim"], config["train"], config["data"]
-    distils = float(loss["alpha_kd"]) > 0 or float(loss["alpha_cos"]) > 0
-    teacher = config["teacher"]["path"] or "none"
-    source = f"`{teacher}`" if distils else f"none (masked-LM loss only; teacher setting `{teacher}`)"
+    teacher = config["teacher"]["path"]
+    source = f"`{teacher}`" if _distils(config) else "nothing (masked-LM loss only)"
+    init = config["student"]["init"] if teacher and not config["student"].get("arch_config") else "random"
     inputs = ", ".join(str(i) for i in data.get("prepare_from") or data.get("inputs") or []) or "prepared shards"
     weights = f"kd {loss['alpha_kd']} (temperature {loss['temperature']}), mlm {loss['alpha_mlm']}, "
     weights += f"cos {loss['alpha_cos']}"
     return [
         ("distilled from", source),
-        ("student initialisation", str(config["student"]["init"])),
+        ("initialisation", "from the teacher (embeddings, every other layer, LM head)" if init == "teacher" else init),
         ("data", f"`{data['shards']}` (from {inputs}), sequences of at most {data['max_seq_length']} tokens"),
         ("loss weights", weights + ("; kd on MLM positions only" if loss.get("restrict_kd_to_mlm") else "")),
         ("optimizer", f"AdamW, peak lr {optim['peak_lr']}, {optim.get('warmup_fraction')} warmup, then linear decay"),
@@ -43,6 +43,19 @@ def _training_rows(config: dict, state: dict) -> list[tuple[str, str]]:
         ("trained", f"{state.get('step', '?')} steps, {state.get('samples', '?')} sequences, "
          f"{state.get('tokens', '?')} tokens"),
     ]  # fmt: skip
+
+
+def _distils(config: dict) -> bool:
+    return bool(config["teacher"]["path"]) and (config["loss"]["alpha_kd"] > 0 or config["loss"]["alpha_cos"] > 0)
+
+
+def _how(config: dict) -> str:
+    if _distils(config):
+        return (
+            "distilled by distil-scale with the DistilBERT recipe: trained on its teacher's soft targets (kd), the "
+            "masked-LM labels (mlm) and the teacher's hidden states (cos)"
+        )
+    return "trained by distil-scale with the masked-LM loss alone, without distillation"
 
 
 def render(model_config: dict, config: dict, state: dict, *, parameters: int) -> str:
@@ -61,9 +74,7 @@ def render(model_config: dict, config: dict, state: dict, *, parameters: int) ->
         f"---\n{yaml.safe_dump(front, sort_keys=False)}---\n\n"
         f"# {os.path.basename(os.path.normpath(config['run']['output_dir']))}\n\n"
         f"A {model_type} masked language model ({layers} layers, hidden size {hidden}, {parameters:,} parameters) "
-        "trained with distil-scale's DistilBERT recipe: a student half as deep as its teacher, initialised from it, "
-        "trained on the teacher's soft targets (kd), the masked-LM labels (mlm) and the teacher's hidden states "
-        "(cos).\n\n"
+        f"{_how(config)}.\n\n"
         f"## Training\n\n| | |\n| --- | --- |\n{rows}\n\n"
         "## Use\n\n```python\nfrom transformers import AutoModelForMaskedLM, AutoTokenizer\n\n"
         'model = AutoModelForMaskedLM.from_pretrained("PATH")\n'
