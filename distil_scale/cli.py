@@ -1,4 +1,4 @@
-"""The `distil-scale` command: train, prepare, export, eval, finetune, ablate, demo, config.
+"""The `distil-scale` command: train, prepare, export, eval, finetune, downstream, ablate, demo, config.
 
 Every user mistake (bad config, missing path, mismatched vocabulary) ends as one line on stderr and exit code 2.
 """
@@ -82,15 +82,22 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
             raise ConfigError("eval --speed times random inputs; --data is not used with it")
         from distil_scale.speed import run_speed
 
-        _print_json(args, run_speed(args.models, out=args.out, seed=args.seed, **speed_settings))
+        report = run_speed(args.models, out=args.out, seed=args.seed, **speed_settings)
+        if args.out:
+            from distil_scale.speed import format_speed_table
+
+            _update_cards(args.models, "speed", format_speed_table(report))
+        _print_json(args, report)
         return 0
-    given = ["--" + name.replace("_", "-") for name in speed_settings] + (["--out"] if args.out else [])
+    given = ["--" + name.replace("_", "-") for name in speed_settings]
     if given:  # silently ignoring them would leave the user thinking they took effect
         raise ConfigError(f"eval: {', '.join(given)} only apply with --speed")
     if args.data is None:
         raise ConfigError("eval: --data (a prepared dataset directory) is required unless --speed is given")
-    from distil_scale.evaluate import evaluate_models
+    from distil_scale.evaluate import evaluate_models, format_table
 
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise ConfigError(f"eval: --out {args.out}: its directory does not exist")
     results = evaluate_models(
         args.models,
         data=args.data,
@@ -99,8 +106,23 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         max_batches=args.max_batches,
         seed=args.seed,
     )
+    if args.out:
+        tmp = f"{args.out}.tmp{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=1)
+        os.replace(tmp, args.out)
+        _update_cards(args.models, "mlm", f"Held-out MLM on `{args.data}` ({args.split}):\n\n" + format_table(results))
     _print_json(args, results)
     return 0
+
+
+def _update_cards(models: list[str], section: str, table: str) -> None:
+    """The table into the card of every model directory that has a distil-scale card (as export writes one)."""
+    from distil_scale.card import update_card
+
+    for path in models:
+        if os.path.isdir(path):
+            update_card(path, section, "```\n" + table + "\n```")
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -225,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument(
         "--forward", choices=["encoder", "mlm"], default=None, help="encoder (default, as Table 3) or the full MLM"
     )
-    speed.add_argument("--out", default=None, help="also write the results as JSON to this file")
+    p.add_argument("--out", default=None, help="also write the results as JSON here and into the models' cards")
     p.set_defaults(fn=_eval)
 
     p = sub.add_parser("ablate", help="the paper's ablation (Table 4): each loss term and the init, on any config")

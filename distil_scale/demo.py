@@ -4,8 +4,11 @@ Three runs of the same engine share the prepared data under `<root>/data`:
   teacher   a BERT of configs/models/demo-teacher.json pretrained with MLM only
   student   the half-depth DistilBERT initialised from it and distilled with the triple loss (configs/demo.yaml)
   scratch   the same student architecture, random init, MLM only, for the same number of steps
-Then all three are evaluated on the held-out shards with identical masks; the table goes to stdout, the numbers
-to `<root>/summary.json`, the loss curves to `<root>/loss_curves.png`. A stage whose export exists and whose
+Then the three exports are compared the way the paper's abstract compares DistilBERT with BERT: size, inference
+speed-up at batch 1 and 32 (CPU), held-out MLM accuracy on identical masks, and the downstream suite (three
+GLUE-like tasks from the corpus's world, fine-tuned with one recipe; distil_scale.downstream). The table goes to
+stdout and into each export's model card, the numbers to `<root>/summary.json`, the loss curves to
+`<root>/loss_curves.png`, the suite's to `<root>/downstream/`. A stage whose export exists and whose
 resolved config is unchanged is reused; an interrupted stage resumes from its newest checkpoint.
 """
 
@@ -16,7 +19,11 @@ import os
 import shutil
 import time
 
+import torch
+
+from distil_scale.card import update_card
 from distil_scale.config import Config, load_config
+from distil_scale.downstream import METRIC_NAMES
 from distil_scale.metrics import format_duration, read_jsonl
 
 DEFAULT_CONFIG = "configs/demo.yaml"
@@ -24,6 +31,12 @@ TEACHER_ARCH = "configs/models/demo-teacher.json"
 # The teacher gets more steps than the students: distillation needs a teacher worth imitating. About 5 of the
 # demo's ~10 minutes on 2 CPU cores; 1000 more steps buy only ~1 point of held-out MLM accuracy.
 TEACHER_STEPS = 2500
+# The downstream suite (distil_scale.data.suite, distil_scale.downstream), sized for the ~5 minutes the demo has
+# left for it on 2 CPU cores: 3 models x 3 tasks x len(lrs) x seeds fine-tuning runs.
+SUITE = {"train": 2000, "dev": 2000, "seed": 0}
+SUITE_RECIPE = {"epochs": 3, "batch_size": 32, "max_seq_length": 64}
+SUITE_PLAN = {"seeds": 2, "lrs": (3e-4, 1e-3)}
+SPEED_BATCH_SIZES = (1, 32)
 
 
 def stage_overrides(root: str) -> dict[str, list[str]]:
@@ -88,7 +101,9 @@ def run_demo(*, config_path: str | None = None, overrides: list[str] = (), fresh
 
 
 def summarize(root: str, configs: dict[str, Config]) -> dict:
+    """Held-out MLM, speed and the downstream suite for the three exports; the abstract's table and summary.json."""
     from distil_scale.evaluate import evaluate_models
+    from distil_scale.speed import measure_speed
 
     exports = {name: os.path.join(cfg.run.output_dir, "export") for name, cfg in configs.items()}
     data = configs["student"].data.shards
@@ -97,13 +112,102 @@ def summarize(root: str, configs: dict[str, Config]) -> dict:
     teacher_acc = summary["teacher"]["mlm_accuracy"]
     for name in ("student", "scratch"):
         summary[name]["accuracy_vs_teacher"] = summary[name]["mlm_accuracy"] / teacher_acc
-    with open(os.path.join(root, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=1)
+    speed = measure_speed(list(exports.values()), batch_sizes=SPEED_BATCH_SIZES, devices=["cpu"])
+    for row in speed["results"]:
+        name = list(exports)[[m["name"] for m in speed["models"]].index(row["model"])]
+        summary[name][f"speedup_batch{row['batch_size']}"] = row["speedup"]
+        summary[name][f"latency_ms_batch{row['batch_size']}"] = row["latency_ms"]
+    downstream = run_downstream(root, exports, configs)
+    for name, row in downstream["models"].items():
+        summary[name]["downstream"] = {
+            "macro": row["macro"],
+            "macro_se": row["macro_se"],
+            "share_of_teacher": row["share_of_teacher"],
+            "tasks": {task: {"score": t["score"], "se": t["se"]} for task, t in row["tasks"].items()},
+        }
+    table = abstract_table(summary, downstream)
+    print(table, flush=True)
+    summary["downstream_suite"] = downstream
+    summary["speed"] = speed
+    _write_json(os.path.join(root, "summary.json"), summary)
+    for path in exports.values():
+        update_card(path, "demo", "```\n" + table + "\n```")
     plot_loss_curves(
         {name: os.path.join(cfg.run.output_dir, "metrics.jsonl") for name, cfg in configs.items()},
         os.path.join(root, "loss_curves.png"),
     )
     return summary
+
+
+def run_downstream(root: str, exports: dict[str, str], configs: dict[str, Config]) -> dict:
+    """The embedded suite for the three exports; reused when the suite, the plan and every stage are unchanged."""
+    from distil_scale.data.suite import write_suite
+    from distil_scale.downstream import RESULTS_FILE, run_suite
+    from distil_scale.finetune import Recipe
+
+    suite = write_suite(os.path.join(root, "data", "suite"), **SUITE)
+    recipe = Recipe(**SUITE_RECIPE)
+    out = os.path.join(root, "downstream")
+    key = {
+        "suite": SUITE,
+        "recipe": SUITE_RECIPE,
+        "plan": SUITE_PLAN,
+        "stages": {n: c.to_dict() for n, c in configs.items()},
+    }
+    key_file = os.path.join(out, "key.json")
+    if os.path.isfile(key_file) and os.path.isfile(os.path.join(out, RESULTS_FILE)):
+        with open(key_file, encoding="utf-8") as f:
+            if json.load(f) == json.loads(json.dumps(key)):
+                print(f"demo: downstream: reusing {out}/{RESULTS_FILE}")
+                with open(os.path.join(out, RESULTS_FILE), encoding="utf-8") as f:
+                    return json.load(f)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hidden size 128: a second thread costs more in spinning than it saves
+    try:
+        results = run_suite(suite, list(exports.values()), names=list(exports), recipe=recipe, out=out, **SUITE_PLAN)
+    finally:
+        torch.set_num_threads(threads)
+    _write_json(key_file, key)
+    return results
+
+
+def abstract_table(summary: dict, downstream: dict) -> str:
+    """The paper's abstract as one table: size, speed-up, held-out MLM accuracy, downstream scores per task."""
+    tasks = list(downstream["tasks"])
+    metric = {t: METRIC_NAMES[downstream["tasks"][t]["metric"]] for t in tasks}
+    teacher = summary["teacher"]
+    head = (
+        f"{'model':<8} {'params':>9} {'of T':>5} {'speed b1':>8} {'b32':>6} {'MLM acc':>8} {'of T':>6} "
+        + " ".join(f"{t[:10] + ' ' + metric[t]:>14}" for t in tasks)
+        + f" {'macro':>11} {'of T':>6}"
+    )
+    lines = [
+        "demo: the paper's abstract on the embedded default (speed: exported encoders, CPU fp32, seq 128; "
+        "downstream: dev x100 +- bootstrap SE)",
+        head,
+        "-" * len(head),
+    ]
+    for name, m in summary.items():
+        d = m["downstream"]
+        cells = " ".join(f"{d['tasks'][t]['score']:>8.1f} +-{d['tasks'][t]['se']:<3.1f}" for t in tasks)
+        lines.append(
+            f"{name:<8} {m['parameters']:>9,} {m['parameters'] / teacher['parameters']:>5.0%} "
+            f"{m['speedup_batch1']:>7.2f}x {m['speedup_batch32']:>5.2f}x {m['mlm_accuracy']:>8.4f} "
+            f"{m['mlm_accuracy'] / teacher['mlm_accuracy']:>6.1%} {cells} "
+            f"{d['macro']:>5.1f} +-{d['macro_se']:<3.1f} {d['share_of_teacher']:>6.1%}"
+        )
+    diff = downstream["macro_differences"].get("student - scratch")
+    if diff:
+        lines.append(f"distilled - scratch, downstream macro: {diff['points']:+.1f} +-{diff['se']:.1f} points (paired)")
+    return "\n".join(lines)
+
+
+def _write_json(path: str, value: dict) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
 
 
 def plot_loss_curves(metrics: dict[str, str], out_png: str) -> None:
