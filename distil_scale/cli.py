@@ -173,6 +173,7 @@ def _downstream(args: argparse.Namespace, overrides: list[str]) -> int:
     from distil_scale.downstream import run_suite
 
     plan = {"seeds": args.seeds, "lrs": args.lrs, "max_train": args.max_train, "names": args.names}
+    plan["workers"] = args.workers
     results = run_suite(args.tasks, args.models, recipe=_recipe(args), out=args.out, **plan)
     _print_json(args, results)
     return 0
@@ -284,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="fine-tuning seeds per model, task and learning rate")
     p.add_argument("--lrs", type=float, nargs="+", default=None, help="learning-rate grid, best mean on dev kept")
     p.add_argument("--max-train", type=int, default=None, help="use at most this many training examples per task")
+    p.add_argument("--workers", type=int, default=1, help="fine-tunings at once, one CPU thread each (small models)")
     _recipe_options(p, lr=None)
     p.add_argument("--out", default=None, help="write downstream.json and downstream.png here; update model cards")
     p.add_argument("--json", action="store_true", help="also print the results as JSON")
