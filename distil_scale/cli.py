@@ -86,7 +86,12 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.out:
             from distil_scale.speed import format_speed_table
 
-            _update_cards(args.models, "speed", format_speed_table(report))
+            _update_cards(
+                args.models,
+                "speed",
+                "Size and inference speed (`distil-scale eval --speed`):",
+                format_speed_table(report),
+            )
         _print_json(args, report)
         return 0
     given = ["--" + name.replace("_", "-") for name in speed_settings]
@@ -111,18 +116,18 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
         os.replace(tmp, args.out)
-        _update_cards(args.models, "mlm", f"Held-out MLM on `{args.data}` ({args.split}):\n\n" + format_table(results))
+        _update_cards(args.models, "mlm", f"Held-out MLM on `{args.data}` ({args.split}):", format_table(results))
     _print_json(args, results)
     return 0
 
 
-def _update_cards(models: list[str], section: str, table: str) -> None:
+def _update_cards(models: list[str], section: str, title: str, table: str) -> None:
     """The table into the card of every model directory that has a distil-scale card (as export writes one)."""
     from distil_scale.card import update_card
 
     for path in models:
         if os.path.isdir(path):
-            update_card(path, section, "```\n" + table + "\n```")
+            update_card(path, section, f"{title}\n\n```\n{table}\n```")
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> int:
