@@ -73,3 +73,22 @@ def test_sections_are_added_then_replaced_and_foreign_readmes_kept(tmp_path):
     (foreign / CARD_FILE).write_text("---\nlicense: apache-2.0\n---\n# BERT\n")
     assert not update_card(str(foreign), "downstream", "x") and not update_card(str(tmp_path / "none"), "x", "y")
     assert (foreign / CARD_FILE).read_text() == "---\nlicense: apache-2.0\n---\n# BERT\n"
+
+
+def test_eval_out_writes_json_and_the_mlm_table_into_the_card(tiny_dataset, tiny_tokenizer, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from distil_scale.cli import main
+
+    with open(os.path.join(ROOT, "configs", "models", "tiny-bert.json"), encoding="utf-8") as f:
+        config = BertConfig(**{**json.load(f), "vocab_size": 400})
+    model = BertForMaskedLM(config)
+    card = card_for_checkpoint(_tag_dir(tmp_path, []), model.config.to_dict(), parameters=1)
+    out = save_pretrained_atomic(model, AutoTokenizer.from_pretrained(tiny_tokenizer), str(tmp_path / "m"), card=card)
+    results = tmp_path / "mlm.json"
+    assert main(["eval", out, "--data", tiny_dataset, "--max-batches", "1", "--out", str(results)]) == 0
+    assert json.loads(results.read_text())[out]["tokens"] > 0
+    text = open(os.path.join(out, CARD_FILE), encoding="utf-8").read()
+    assert "<!-- distil-scale:mlm -->" in text and f"Held-out MLM on `{tiny_dataset}`" in text
+    assert main(["eval", out, "--data", tiny_dataset, "--out", str(tmp_path / "no" / "x.json")]) == 2
+    assert "its directory does not exist" in capsys.readouterr().err
