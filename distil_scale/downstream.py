@@ -40,7 +40,7 @@ from distil_scale.scores import bootstrap, score, standard_error
 RESULTS_FILE = "downstream.json"
 # Sized for the embedded default's tiny models (hidden 128, a few minutes of CPU in all); BERT-base wants
 # --lrs 2e-5 3e-5 5e-5.
-DEFAULT_LRS = (3e-4, 1e-3)
+DEFAULT_LRS = (5e-4, 1e-3)
 GLUE_METRICS = {"cola": "mcc", "mrpc": "f1", "qqp": "f1"}
 METRIC_NAMES = {"mcc": "MCC", "f1": "F1", "accuracy": "acc"}
 _EXTENSIONS = (".csv", ".tsv", ".jsonl", ".json")
