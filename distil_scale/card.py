@@ -21,6 +21,8 @@ import os
 
 import yaml
 
+from distil_scale import atomic
+
 CARD_FILE = "README.md"
 TAG = "distil-scale"
 
@@ -127,8 +129,5 @@ def update_card(model_dir: str, name: str, markdown: str) -> bool:
         text = f.read()
     if not is_ours(text):
         return False
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(with_section(text, name, markdown))
-    os.replace(tmp, path)
+    atomic.write_text(path, with_section(text, name, markdown))
     return True

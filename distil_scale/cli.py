@@ -112,10 +112,9 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
         seed=args.seed,
     )
     if args.out:
-        tmp = f"{args.out}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1)
-        os.replace(tmp, args.out)
+        from distil_scale import atomic
+
+        atomic.write_json(args.out, results)
         _update_cards(args.models, "mlm", f"Held-out MLM on `{args.data}` ({args.split}):", format_table(results))
     _print_json(args, results)
     return 0

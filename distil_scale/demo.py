@@ -19,6 +19,7 @@ import os
 import shutil
 import time
 
+from distil_scale import atomic
 from distil_scale.card import update_card
 from distil_scale.config import Config, load_config
 from distil_scale.downstream import METRIC_NAMES
@@ -131,7 +132,7 @@ def summarize(root: str, configs: dict[str, Config]) -> dict:
     print(table, flush=True)
     summary["downstream_suite"] = downstream
     summary["speed"] = speed
-    _write_json(os.path.join(root, "summary.json"), summary)
+    atomic.write_json(os.path.join(root, "summary.json"), summary)
     for path in exports.values():
         update_card(path, "demo", "```\n" + table + "\n```")
     plot_loss_curves(
@@ -168,7 +169,7 @@ def run_downstream(root: str, exports: dict[str, str], configs: dict[str, Config
     results = run_suite(
         suite, list(exports.values()), names=list(exports), recipe=recipe, out=out, workers=workers, **SUITE_PLAN
     )
-    _write_json(key_file, key)
+    atomic.write_json(key_file, key)
     return results
 
 
@@ -201,14 +202,6 @@ def abstract_table(summary: dict, downstream: dict) -> str:
     if diff:
         lines.append(f"distilled - scratch, downstream macro: {diff['points']:+.1f} +-{diff['se']:.1f} points (paired)")
     return "\n".join(lines)
-
-
-def _write_json(path: str, value: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
 
 
 def plot_loss_curves(metrics: dict[str, str], out_png: str) -> None:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 import torch
 
+from distil_scale import atomic
 from distil_scale.config import ConfigError
 from distil_scale.data.labelled import Split, load_task
 from distil_scale.finetune import Recipe, check_out, encode, fit, load_task_tokenizer
@@ -302,10 +303,7 @@ def write_outputs(results: dict, out, models: list[str]) -> None:
     from distil_scale.card import update_card
 
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, f"{RESULTS_FILE}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, os.path.join(out, RESULTS_FILE))
+    atomic.write_json(os.path.join(out, RESULTS_FILE), results)
     plot(results, os.path.join(out, "downstream.png"))
     for path in models:
         update_card(path, "downstream", markdown_table(results))
@@ -354,7 +352,6 @@ def plot(results: dict, out_png: str) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    tmp = out_png + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
+    with atomic.replacing(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_png)

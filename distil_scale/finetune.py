@@ -24,9 +24,7 @@ import inspect
 import json
 import math
 import os
-import shutil
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -36,12 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from distil_scale import atomic
 from distil_scale.config import ConfigError
 from distil_scale.data.labelled import Split, load_task
 from distil_scale.engine import param_groups
 from distil_scale.models import check_vocab, max_positions, quiet_transformers
-from kernels.measure import one_line
 from distil_scale.scores import classification_metrics
+from kernels.measure import one_line
 
 RESULTS_FILE = "results.json"
 HEAD_FILE = "head.pt"
@@ -279,37 +278,17 @@ def check_out(out: str, protected: Sequence[str], *, marker: str = RESULTS_FILE,
     return path
 
 
-def replace_dir(write, out: Path) -> None:
-    """`write(tmp)` into a temp dir next to `out`, then renamed into place; a crash never leaves a complete-looking
-    `out`. A previous output at `out` is moved aside first: rename(2) cannot replace a non-empty directory."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        tmp.mkdir()
-        write(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def save(model: Classifier, tokenizer: PreTrainedTokenizerBase, results: dict, out: Path) -> None:
-    """The encoder (a Hugging Face directory), the head, the tokenizer and results.json, atomically."""
+    """The encoder (a Hugging Face directory), the head, the tokenizer and results.json, atomically: a crash never
+    leaves a complete-looking `out`, and a previous output there stays until the new one is whole."""
 
-    def write(tmp: Path) -> None:
+    with atomic.replacing_dir(out) as tmp:
         with quiet_transformers():
             model.encoder.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         torch.save({"head": model.head.state_dict(), "pooling": model.pooling}, tmp / HEAD_FILE)
         with open(tmp / RESULTS_FILE, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=1)
-
-    replace_dir(write, out)
 
 
 def load_finetuned(path: str) -> tuple[Classifier, PreTrainedTokenizerBase, list[str]]:

@@ -24,10 +24,9 @@ import csv
 import json
 import os
 import random
-import shutil
-import uuid
 from collections.abc import Callable
 
+from distil_scale import atomic
 from distil_scale.config import ConfigError
 from distil_scale.data.corpus import (
     _ADJECTIVES,
@@ -205,24 +204,17 @@ def write_suite(out_dir: str, *, train: int, dev: int, seed: int = 0) -> str:
         with open(stamp, encoding="utf-8") as f:
             if json.load(f) == settings:
                 return out_dir
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+    with atomic.replacing_dir(out_dir) as tmp:
         for task, spec in TASKS.items():
             os.makedirs(os.path.join(tmp, task))
             train_rows, dev_rows = generate(task, train=train, dev=dev, seed=seed)
             _write_csv(os.path.join(tmp, task, "train.csv"), train_rows, spec["columns"])
             _write_csv(os.path.join(tmp, task, "dev.csv"), dev_rows, spec["columns"])
+            meta = {"metric": spec["metric"], "like": spec["like"], "description": _describe(task)}
             with open(os.path.join(tmp, task, TASK_FILE), "w", encoding="utf-8") as f:
-                json.dump({"metric": spec["metric"], "like": spec["like"], "description": _describe(task)}, f)
+                json.dump(meta, f)
         with open(os.path.join(tmp, "suite.json"), "w", encoding="utf-8") as f:
             json.dump(settings, f)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
