@@ -103,9 +103,9 @@ def find_tasks(root: str) -> list[Task]:
     return tasks
 
 
-def _check(models: list[str], names: list[str] | None, seeds: int, lrs: tuple[float, ...]) -> list[str]:
-    if seeds < 1 or not lrs or min(lrs) <= 0:
-        raise ConfigError("downstream: need --seeds >= 1 and at least one positive learning rate in --lrs")
+def _check(models: list[str], names: list[str] | None, seeds: int, lrs: tuple[float, ...], workers: int) -> list[str]:
+    if seeds < 1 or not lrs or min(lrs) <= 0 or workers < 1:
+        raise ConfigError("downstream: need --seeds >= 1, --workers >= 1 and positive learning rates in --lrs")
     names = names or [os.path.basename(os.path.normpath(m)) for m in models]
     if len(names) != len(models):
         raise ConfigError(f"downstream: --names gives {len(names)} names for {len(models)} models")
@@ -135,7 +135,9 @@ def run_suite(
     """
     start = time.perf_counter()
     lrs = tuple(lrs or DEFAULT_LRS)
-    names = _check(models, names, seeds, lrs)
+    names = _check(models, names, seeds, lrs, workers)
+    if max_train is not None and max_train < 1:
+        raise ConfigError(f"downstream: --max-train must be at least 1, got {max_train}")
     recipe = replace(recipe or Recipe(), eval_every_epoch=False)
     recipe.check()
     out_path = check_out(out, models, marker=RESULTS_FILE, what="downstream") if out else None
@@ -155,7 +157,7 @@ def run_suite(
         for name, _, task in pairs:
             by_lr = {lr: [next(first)] for lr in lrs}
             predictions[name][task.name] = by_lr
-            seed0 = {lr: _score(task, data[task.name], runs[0]) for lr, runs in by_lr.items()}
+            seed0 = {lr: _score(task, data[task.name], preds[0]) for lr, preds in by_lr.items()}
             best[name, task.name] = max(seed0, key=seed0.get)
             shown = ", ".join(f"lr {lr:g}: {100 * v:.1f}" for lr, v in seed0.items())
             print(f"downstream: {name} {task.name} (seed 0) {shown}", flush=True)
