@@ -321,3 +321,25 @@ def test_worker_processes_give_the_same_results(glue_dir, models):
     for name in ("big", "small"):
         for task, row in here["models"][name]["tasks"].items():
             assert spawned["models"][name]["tasks"][task]["by_seed"] == row["by_seed"], (name, task)
+
+
+def test_the_demo_table_has_every_figure_of_the_abstract():
+    from distil_scale.demo import abstract_table
+
+    tasks = {name: {"metric": spec["metric"]} for name, spec in TASKS.items()}
+
+    def row(params, speedup, acc, macro, share):
+        scores = {t: {"score": 50.0 + i, "se": 1.0} for i, t in enumerate(tasks)}
+        downstream = {"macro": macro, "macro_se": 0.5, "share_of_teacher": share, "tasks": scores}
+        return {"parameters": params, "speedup_batch1": speedup, "speedup_batch32": speedup + 0.1,
+                "mlm_accuracy": acc, "downstream": downstream}  # fmt: skip
+
+    summary = {"teacher": row(1000, 1.0, 0.6, 70.0, 1.0), "student": row(600, 1.8, 0.58, 68.6, 0.98)}
+    diff = {"student - scratch": {"points": 12.0, "se": 0.7}}
+    lines = abstract_table(summary, {"tasks": tasks, "macro_differences": diff}).splitlines()
+    header, student = lines[1], lines[-2]
+    for column in ("params", "speed b1", "b32", "MLM acc", "agreement MCC", "inference acc", "paraphrase F1", "macro"):
+        assert column in header
+    assert student.split()[:6] == ["student", "600", "60%", "1.80x", "1.90x", "0.5800"]
+    assert "96.7%" in student and "68.6 +-0.5" in student and student.endswith("98.0%")
+    assert lines[-1] == "distilled - scratch, downstream macro: +12.0 +-0.7 points (paired)"
