@@ -281,7 +281,6 @@ def check_out(out: str, protected: Sequence[str], *, marker: str = RESULTS_FILE,
 def save(model: Classifier, tokenizer: PreTrainedTokenizerBase, results: dict, out: Path) -> None:
     """The encoder (a Hugging Face directory), the head, the tokenizer and results.json, atomically: a crash never
     leaves a complete-looking `out`, and a previous output there stays until the new one is whole."""
-
     with atomic.replacing_dir(out) as tmp:
         with quiet_transformers():
             model.encoder.save_pretrained(tmp)
