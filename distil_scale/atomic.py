@@ -49,6 +49,12 @@ def write_json(path: str | Path, obj: object) -> None:
     write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
+def save_figure(fig, path: str | Path, *, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG at `path`, whole or not at all."""
+    with replacing(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=dpi)
+
+
 @contextlib.contextmanager
 def replacing_dir(path: str | Path) -> Iterator[Path]:
     """Yields a temporary directory beside `path` to fill; it replaces `path` when the block ends without error

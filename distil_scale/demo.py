@@ -224,5 +224,5 @@ def plot_loss_curves(metrics: dict[str, str], out_png: str) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
+    atomic.save_figure(fig, out_png)
     plt.close(fig)

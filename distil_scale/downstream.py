@@ -354,6 +354,5 @@ def plot(results: dict, out_png: str) -> None:
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    with atomic.replacing(out_png, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=110)
+    atomic.save_figure(fig, out_png)
     plt.close(fig)

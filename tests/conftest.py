@@ -17,6 +17,18 @@ from distil_scale.data.corpus import write_synthetic_corpus  # noqa: E402
 from distil_scale.data.shards import prepare  # noqa: E402
 from distil_scale.data.tokenizer import train_wordpiece  # noqa: E402
 
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny models: their matrices gain nothing from threads, and on a busy
+    two-core machine two spinning OpenMP workers made a training step of the tiny model ~100x slower (3 s instead
+    of 0.04 s). Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # Odd on purpose: shard boundaries then fall inside rank and worker blocks, the case the stream must get right.
 TINY_SAMPLES_PER_SHARD = 37
 TINY_MAX_SEQ_LENGTH = 64

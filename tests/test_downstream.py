@@ -29,17 +29,10 @@ from distil_scale.finetune import Recipe
 from distil_scale.models import build_student
 from distil_scale.scores import bootstrap, classification_metrics, score, standard_error
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = Recipe(epochs=1, lr=1e-3, batch_size=32, max_seq_length=48)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matrices: intra-op threads only spin against each other on a busy two-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------------------

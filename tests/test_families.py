@@ -14,6 +14,8 @@ from distil_scale.families import FULL, SLIDING, family_of, rhythm_map, student_
 from distil_scale.losses import eager_terms, fused_terms
 from distil_scale.models import build_student, lm_head_input, mlm_outputs, student_architecture
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = 97
 # name -> (config file under configs/models, overrides): small enough for milliseconds per forward.
@@ -25,16 +27,6 @@ TEACHERS = {
     "deberta-v3": ("tiny-deberta-v3.json", {}),
     "deberta-v2-legacy-head": ("tiny-deberta-v3.json", {"legacy": True}),
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Matrices of width 32 gain nothing from intra-op threads, and on a busy two-core machine spinning OpenMP
-    # workers made these tests several times slower (as in test_finetune.py).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _teacher(name: str, layers: int | None = None) -> torch.nn.Module:

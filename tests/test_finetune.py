@@ -27,6 +27,8 @@ from distil_scale.finetune import Recipe, finetune, load_finetuned
 from distil_scale.models import build_student
 from distil_scale.scores import classification_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models (see conftest.py)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKERS = ("dog", "cat", "owl", "fox")
 CITIES = ("paris", "rome", "oslo", "lima", "cairo", "tokyo")
@@ -96,16 +98,6 @@ def _write_jsonl(path, rows: list[dict]) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     return str(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's matrices are too small for intra-op threads to pay off, and on a busy two-core machine
-    # two spinning OpenMP workers made a training step ~100x slower (3 s instead of 0.04 s).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
