@@ -119,13 +119,19 @@ def _train(out: str, work: str) -> str:
     )
 
 
+def _load_json(path: str):
+    """The JSON a stage wrote, or None when the stage did not get that far."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def figure(stage: str, out: str, work: str, tag: str) -> str:
     if stage == "preflight":
-        path = os.path.join(work, "preflight.json")
-        if not os.path.exists(path):
+        info = _load_json(os.path.join(work, "preflight.json"))
+        if info is None:
             return "-"
-        with open(path) as f:
-            info = json.load(f)
         missing = [name for name in OPTIONAL if str(info[name]).startswith("missing")]
         return f"torch {info['torch']}, GPU {info['gpu']}; missing: {', '.join(missing) or 'none'}"
     if stage == "wheels":
@@ -137,11 +143,9 @@ def figure(stage: str, out: str, work: str, tag: str) -> str:
             return f"{len(wheels)} wheels in .whl/, not installed"
         return f"{len(wheels)} wheels installed into {site}"
     if stage == "verify":
-        path = os.path.join(out, "verify.json")
-        if not os.path.exists(path):
+        result = _load_json(os.path.join(out, "verify.json"))
+        if result is None:
             return "-"
-        with open(path) as f:
-            result = json.load(f)
         passed = result["checks"] - len(result["failed"])
         return f"{passed}/{result['checks']} checks passed, {len(result['skipped'])} skipped"
     if stage == "bench":
