@@ -120,6 +120,12 @@ def with_section(text: str, name: str, markdown: str) -> str:
     return text.rstrip() + "\n\n" + block + "\n"
 
 
+def update_cards(model_dirs, name: str, markdown: str) -> None:
+    """`update_card` for each directory: those without a distil-scale card are left alone."""
+    for model_dir in model_dirs:
+        update_card(model_dir, name, markdown)
+
+
 def update_card(model_dir: str, name: str, markdown: str) -> bool:
     """Put `markdown` as section `name` into the card in `model_dir` (atomically); False when it has none of ours."""
     path = os.path.join(model_dir, CARD_FILE)

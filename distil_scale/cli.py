@@ -122,11 +122,9 @@ def _eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def _update_cards(models: list[str], section: str, title: str, table: str) -> None:
     """The table into the card of every model directory that has a distil-scale card (as export writes one)."""
-    from distil_scale.card import update_card
+    from distil_scale.card import update_cards
 
-    for path in models:
-        if os.path.isdir(path):
-            update_card(path, section, f"{title}\n\n```\n{table}\n```")
+    update_cards(models, section, f"{title}\n\n```\n{table}\n```")
 
 
 def _demo(args: argparse.Namespace, overrides: list[str]) -> int:

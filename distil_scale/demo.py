@@ -20,7 +20,7 @@ import shutil
 import time
 
 from distil_scale import atomic
-from distil_scale.card import update_card
+from distil_scale.card import update_cards
 from distil_scale.config import Config, load_config
 from distil_scale.downstream import METRIC_NAMES
 from distil_scale.metrics import format_duration, read_jsonl
@@ -133,8 +133,7 @@ def summarize(root: str, configs: dict[str, Config]) -> dict:
     summary["downstream_suite"] = downstream
     summary["speed"] = speed
     atomic.write_json(os.path.join(root, "summary.json"), summary)
-    for path in exports.values():
-        update_card(path, "demo", "```\n" + table + "\n```")
+    update_cards(exports.values(), "demo", "```\n" + table + "\n```")
     plot_loss_curves(
         {name: os.path.join(cfg.run.output_dir, "metrics.jsonl") for name, cfg in configs.items()},
         os.path.join(root, "loss_curves.png"),

@@ -302,13 +302,12 @@ def format_table(results: dict) -> str:
 
 def write_outputs(results: dict, out, models: list[str]) -> None:
     """downstream.json and downstream.png under `out` (temp file + rename each); the table into model cards."""
-    from distil_scale.card import update_card
+    from distil_scale.card import update_cards
 
     os.makedirs(out, exist_ok=True)
     atomic.write_json(os.path.join(out, RESULTS_FILE), results)
     plot(results, os.path.join(out, "downstream.png"))
-    for path in models:
-        update_card(path, "downstream", markdown_table(results))
+    update_cards(models, "downstream", markdown_table(results))
 
 
 def markdown_table(results: dict) -> str:

@@ -127,11 +127,6 @@ def family_of(config: PreTrainedConfig, *, teacher: bool = False) -> Family:
     return family
 
 
-def submodule(model: nn.Module, path: str) -> nn.Module:
-    """model.<path> for a dotted path (ModuleList items by index)."""
-    return model.get_submodule(path)
-
-
 def layer_map(n_teacher: int, n_student: int) -> list[int]:
     """Evenly spaced teacher layers for each student layer, first and last included (12 -> 6: [0, 2, 4, 7, 9, 11]).
 
@@ -199,5 +194,4 @@ def student_layers(config: PreTrainedConfig, n_student: int) -> list[int]:
     family = family_of(config)
     if family.layer_kinds is None:
         return layer_map(config.num_hidden_layers, n_student)
-    layer_map(config.num_hidden_layers, n_student)  # validates n_student
     return rhythm_map(family.layer_kinds(config), n_student)

@@ -42,7 +42,6 @@ from distil_scale.families import (
     family_of,
     layer_map,
     student_layers,
-    submodule,
 )
 from kernels.measure import one_line
 
@@ -362,7 +361,7 @@ def projection_replaced(model: nn.Module, fn: Callable) -> Iterator[None]:
     """
     inner = getattr(model, "module", model)
     family = family_of(inner.config)
-    projection = submodule(inner, family.projection)
+    projection = inner.get_submodule(family.projection)
     # An instance attribute shadows the class's forward; the module's __call__ (and its hooks) still run.
     projection.forward = lambda *args: fn(*family.head_input(projection, *args))
     try:

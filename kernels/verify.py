@@ -32,7 +32,6 @@ DIR/verify.json, and exits 1 when any check fails.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +47,7 @@ import torch.nn.functional as F
 from kernels import IGNORE_INDEX, cosine_loss, kd_mlm_loss, linear_kd_mlm_loss
 from kernels.contract import DTYPES
 from kernels.kd_mlm import kd_mlm_rows, row_coefficients
-from kernels.measure import log, machine
+from kernels.measure import log, machine, write_bytes, write_csv
 
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 5e-3}
 TF32_TOL = 2e-3
@@ -368,17 +367,14 @@ def format_table(checks: list[Check]) -> str:
 
 def write_results(out: str, rec: Recorder, about: dict) -> None:
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "verify.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[field.name for field in fields(Check)])
-        writer.writeheader()
-        writer.writerows(asdict(c) for c in rec.checks)
+    if rec.checks:
+        write_csv(rec.checks, os.path.join(out, "verify.csv"))
     passed = all(c.ok for c in rec.checks) and bool(rec.checks) and not about.get("stopped")
     result = {**about, "passed": passed, "checks": len(rec.checks)}
     result["failed"] = [asdict(c) for c in rec.checks if not c.ok]
     result["skipped"] = rec.skipped
     result["results"] = [asdict(c) for c in rec.checks]
-    with open(os.path.join(out, "verify.json"), "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    write_bytes(os.path.join(out, "verify.json"), json.dumps(result, indent=1, default=str).encode())
 
 
 def fp32_gemm_tol() -> float:
