@@ -191,10 +191,18 @@ def _rows_triton(s, t, labels, kd_coef, mlm_coef, temperature, g, g_scale, fold_
     return kl, ce
 
 
+def _lse(z: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
+    """logsumexp of z's rows from prob = softmax(z): at a row's maximum prob = 1 / sum exp(z - max), exactly the
+    normaliser, and no exponential is taken again (torch's exp is several times slower than its softmax)."""
+    return z.amax(-1) - prob.amax(-1).log()
+
+
 def _rows_torch(s, t, labels, kd_coef, mlm_coef, temperature, g, g_scale, fold_mlm, g_mlm, mlm_slot):
     """The same rows in torch: the MLM side first (labelled rows only), then the KL over cache-sized sub-blocks.
 
-    The MLM side reads s before the KL loop may overwrite it in place; its folded gradient is added last.
+    Each side takes one softmax: KL(p || q) = <p, z_t - z_s> - lse(z_t) + lse(z_s) with z = logits / T, the
+    normalisers read off the softmaxes (`_lse`). The MLM side reads s before the KL loop may overwrite it in
+    place; its folded gradient is added last.
     """
     rows, vocab = s.shape
     inv_t = 1.0 / temperature
@@ -204,29 +212,38 @@ def _rows_torch(s, t, labels, kd_coef, mlm_coef, temperature, g, g_scale, fold_m
     g_ce = None
     if labelled.numel():
         y = labels[labelled].unsqueeze(-1)
-        log_softmax = torch.log_softmax(s.index_select(0, labelled).float(), dim=-1)
-        ce[labelled] = -log_softmax.gather(-1, y).squeeze(-1)
+        s_l = s.index_select(0, labelled).float()
+        prob = torch.softmax(s_l, dim=-1)
+        ce[labelled] = _lse(s_l, prob) - s_l.gather(-1, y).squeeze(-1)
         if g_mlm is not None or (fold_mlm and g is not None):
-            g_ce = log_softmax.exp_()
-            g_ce.scatter_add_(-1, y, torch.full_like(g_ce[:, :1], -1.0))
+            g_ce = prob.scatter_add_(-1, y, torch.full_like(prob[:, :1], -1.0))
             g_ce.mul_(mlm_coef[labelled].unsqueeze(-1))
             if g_mlm is not None:
                 g_mlm.index_copy_(0, mlm_slot[labelled], g_ce)
-    step = max(1, _SUB_BYTES // (4 * max(vocab, 1)))
+    step = min(rows, max(1, _SUB_BYTES // (4 * max(vocab, 1))))
+    # four sub-block temporaries, made once: fresh ones per sub-block would each be page-faulted in anew
+    z_t, z_s, p, q = torch.empty((4, step, vocab), dtype=torch.float32, device=s.device)
     for a in range(0, rows, step):
         b = min(a + step, rows)
-        log_p = torch.log_softmax(t[a:b].float() * inv_t, dim=-1)
-        log_q = torch.log_softmax(s[a:b].float() * inv_t, dim=-1)
-        kl[a:b] = torch.nn.functional.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+        z_t, z_s, p, q = (buf[: b - a] for buf in (z_t, z_s, p, q))
+        torch.mul(t[a:b], inv_t, out=z_t)
+        torch.mul(s[a:b], inv_t, out=z_s)
+        torch.softmax(z_t, dim=-1, out=p)
+        torch.softmax(z_s, dim=-1, out=q)
+        lse = _lse(z_s, q) - _lse(z_t, p)
         if g is not None:  # s[a:b] has been read: g[a:b] may overwrite it now
             coef = kd_coef[a:b].unsqueeze(-1) * g_scale
             if g.dtype == torch.float32:
-                torch.mul(log_q.exp_(), coef, out=g[a:b]).addcmul_(log_p.exp_(), coef, value=-1.0)
+                torch.mul(q.sub_(p), coef, out=g[a:b])
             else:  # fp32 arithmetic, one rounding to g's dtype
-                g[a:b].copy_(log_q.exp_().mul_(coef).addcmul_(log_p.exp_(), coef, value=-1.0))
+                g[a:b].copy_(q.sub_(p).mul_(coef))
+        kl[a:b] = p.mul_(z_t.sub_(z_s)).sum(-1) + lse
     kl.masked_fill_((kd_coef == 0) & (labels == IGNORE_INDEX), 0.0)  # padding rows, as the kernel leaves them
     if g is not None and fold_mlm and g_ce is not None:
-        g.index_copy_(0, labelled, (g.index_select(0, labelled).float() + g_ce.mul_(g_scale)).to(g.dtype))
+        if g.dtype == torch.float32:
+            g.index_add_(0, labelled, g_ce, alpha=g_scale)
+        else:
+            g.index_copy_(0, labelled, (g.index_select(0, labelled).float() + g_ce.mul_(g_scale)).to(g.dtype))
     return kl, ce
 
 
