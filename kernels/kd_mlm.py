@@ -222,12 +222,12 @@ def _rows_torch(s, t, labels, kd_coef, mlm_coef, temperature, g, g_scale, fold_m
                 g_mlm.index_copy_(0, mlm_slot[labelled], g_ce)
     step = min(rows, max(1, _SUB_BYTES // (4 * max(vocab, 1))))
     # four sub-block temporaries, made once: fresh ones per sub-block would each be page-faulted in anew
-    z_t, z_s, p, q = torch.empty((4, step, vocab), dtype=torch.float32, device=s.device)
+    scratch = torch.empty((4, step, vocab), dtype=torch.float32, device=s.device)
     for a in range(0, rows, step):
         b = min(a + step, rows)
-        z_t, z_s, p, q = (buf[: b - a] for buf in (z_t, z_s, p, q))
-        torch.mul(t[a:b], inv_t, out=z_t)
-        torch.mul(s[a:b], inv_t, out=z_s)
+        z_t, z_s, p, q = scratch[:, : b - a]
+        torch.mul(t[a:b].float(), inv_t, out=z_t)  # .float(): a bf16 product would be rounded before the cast
+        torch.mul(s[a:b].float(), inv_t, out=z_s)
         torch.softmax(z_t, dim=-1, out=p)
         torch.softmax(z_s, dim=-1, out=q)
         lse = _lse(z_s, q) - _lse(z_t, p)
