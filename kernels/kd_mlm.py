@@ -220,7 +220,7 @@ def _rows_torch(s, t, labels, kd_coef, mlm_coef, temperature, g, g_scale, fold_m
             g_ce.mul_(mlm_coef[labelled].unsqueeze(-1))
             if g_mlm is not None:
                 g_mlm.index_copy_(0, mlm_slot[labelled], g_ce)
-    step = min(rows, max(1, _SUB_BYTES // (4 * max(vocab, 1))))
+    step = max(1, min(rows, _SUB_BYTES // (4 * max(vocab, 1))))
     # four sub-block temporaries, made once: fresh ones per sub-block would each be page-faulted in anew
     scratch = torch.empty((4, step, vocab), dtype=torch.float32, device=s.device)
     for a in range(0, rows, step):

@@ -114,6 +114,17 @@ def test_kd_mlm_tiny_row(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_kd_mlm_no_rows(impl: str) -> None:
+    s = torch.zeros(0, 50, requires_grad=True)
+    empty = torch.zeros(0)
+    kl, ce = kd_mlm_rows(s.detach(), s.detach(), empty.long(), empty, empty, 2.0, impl=impl, g=torch.zeros(0, 50))
+    assert kl.shape == ce.shape == (0,)
+    kd, mlm = kd_mlm_loss(s, s.detach(), empty.long(), empty.bool(), temperature=2.0, impl=impl)
+    (kd + mlm).backward()
+    assert kd.item() == mlm.item() == 0.0 and s.grad.shape == (0, 50)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_kd_mlm_no_labels(impl: str) -> None:
     _check_kd_mlm(*_rows(9, 300, seed=4, labelled=False), 2.0, impl)
 
