@@ -10,7 +10,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import datasets
 import pytest
 import torch
+from test_distributed import _free_port
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     BertConfig,
@@ -322,12 +322,6 @@ def test_export_rejects_incomplete_checkpoints_and_tokenizers(tmp_path, capfd, e
 _DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 ENV = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
 ENV.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(root, name: str, *extra: str) -> list[str]:

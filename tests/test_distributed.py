@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -18,9 +19,26 @@ DEEPSPEED = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.execut
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range.
+
+    A port from bind(("", 0)) is an ephemeral one: before the master binds it, another run's connection may take
+    it as its source port, and the master then fails with EADDRINUSE while the other rank waits for it.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randrange(max(1024, ephemeral - 16384), ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port below {ephemeral}")
 
 
 def _command(out_dir, inputs, *overrides: str, num_procs: int = 2) -> list[str]:
