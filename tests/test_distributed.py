@@ -41,6 +41,24 @@ def _free_port() -> int:
     raise RuntimeError(f"no free port below {ephemeral}")
 
 
+def _wait_all(procs: list[subprocess.Popen], timeout: float = 900, grace: float = 60) -> list[int]:
+    """Exit codes of the processes of one job. Once one has failed, the others get `grace` seconds and are then
+    stopped: a rank whose peer died can wait for it until the collective's own timeout."""
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        if any(p.returncode not in (None, 0) for p in procs):
+            deadline = min(deadline, time.monotonic() + grace)
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()  # the deepspeed launcher passes SIGTERM on to its ranks
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    return [p.wait() for p in procs]
+
+
 def _command(out_dir, inputs, *overrides: str, num_procs: int = 2) -> list[str]:
     return [
         DEEPSPEED,

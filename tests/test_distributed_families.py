@@ -14,7 +14,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_distributed import ENV, ROOT, _free_port, _train_args
+from test_distributed import ENV, ROOT, _free_port, _train_args, _wait_all
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,9 @@ def _ranks(out, inputs, phase: str, *overrides: str) -> str:
         with open(log, "w") as sink:
             procs.append(subprocess.Popen(args, cwd=str(out.parent), env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                                           stdout=sink, stderr=subprocess.STDOUT))  # fmt: skip
-    for proc in procs:
-        proc.wait(timeout=900)
+    returncodes = _wait_all(procs)
     outputs = [log.read_text() for log in logs]
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert returncodes == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     return outputs[0]
 
 

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 
 import pytest
-from test_distributed import DEEPSPEED, ENV, _free_port, _train_args
+from test_distributed import DEEPSPEED, ENV, _free_port, _train_args, _wait_all
 
 pytestmark = pytest.mark.slow  # see pyproject.toml: left out of `make test-fast`
 
@@ -77,7 +77,7 @@ def _loopback_job(tmp_path, *overrides: str) -> list[str]:
         with open(log, "w") as f:  # files, not pipes: a full pipe would stall one node and the job with it
             cmd = _node_command(tmp_path, i, "127.0.0.1", port, *overrides)
             procs.append(subprocess.Popen(cmd, cwd=str(tmp_path), env=ENV, stdout=f, stderr=subprocess.STDOUT))
-    returncodes = [p.wait(timeout=900) for p in procs]
+    returncodes = _wait_all(procs)
     texts = [log.read_text() for log in logs]
     _check_logs(texts, returncodes)
     return texts
