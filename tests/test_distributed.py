@@ -18,27 +18,29 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEEPSPEED = shutil.which("deepspeed") or os.path.join(os.path.dirname(sys.executable), "deepspeed")
 
 
-def _free_port() -> int:
-    """A port nothing listens on, below the kernel's ephemeral range.
-
-    A port from bind(("", 0)) is an ephemeral one: before the master binds it, another run's connection may take
-    it as its source port, and the master then fails with EADDRINUSE while the other rank waits for it.
+def _free_port(low: int | None = None, high: int | None = None) -> int:
+    """A port nothing listens on, drawn from [low, high): by default from the 16K ports below the kernel's
+    ephemeral range. A port from bind(("", 0)) is an ephemeral one: before the master binds it, another run's
+    connection may take it as its source port, and the master then fails with EADDRINUSE while the other rank
+    waits for it.
     """
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            ephemeral = int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        ephemeral = 32768
+    if high is None:
+        try:
+            with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+                high = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            high = 32768
+    low = max(1024, high - 16384) if low is None else low
     pick = random.SystemRandom()
     for _ in range(200):
-        port = pick.randrange(max(1024, ephemeral - 16384), ephemeral)
+        port = pick.randrange(low, high)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
         return port
-    raise RuntimeError(f"no free port below {ephemeral}")
+    raise RuntimeError(f"no free port in {low}-{high - 1}")
 
 
 def _wait_all(procs: list[subprocess.Popen], timeout: float = 900, grace: float = 60) -> list[int]:

@@ -2,15 +2,23 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import warnings
 
 import pytest
+from test_distributed import _free_port
 
 from distil_scale.config import ConfigError
-from distil_scale.launch_env import apply_launch_env, expand_hostlist, first_host, job_port, resolve_launch_env
+from distil_scale.launch_env import (
+    PORT_BASE,
+    PORT_SPAN,
+    apply_launch_env,
+    expand_hostlist,
+    first_host,
+    job_port,
+    resolve_launch_env,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -219,14 +227,7 @@ dist.destroy_process_group()
 
 def _free_job_port() -> int:
     """A free port that job_port can produce (the job id below then maps to it)."""
-    for port in range(20000 + os.getpid() % 9000, 32000):
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-31999")
+    return _free_port(PORT_BASE, PORT_BASE + PORT_SPAN)
 
 
 @pytest.mark.slow
