@@ -102,9 +102,10 @@ def card_for_checkpoint(tag_dir: str, model_config: dict, *, parameters: int) ->
 
 
 def is_ours(text: str) -> bool:
-    if not text.startswith("---\n"):
+    end = text.find("\n---", 4)
+    if not text.startswith("---\n") or end < 0:  # no front matter, or one never closed: not a card we wrote
         return False
-    front = yaml.safe_load(text[4 : text.index("\n---", 4)]) or {}
+    front = yaml.safe_load(text[4:end]) or {}
     return TAG in (front.get("tags") or [])
 
 

@@ -217,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_prepare)
 
-    p = sub.add_parser("export", help="turn a (ZeRO-sharded) checkpoint into a Hugging Face DistilBERT directory")
+    p = sub.add_parser("export", help="turn a (ZeRO-sharded) checkpoint into a Hugging Face model directory")
     p.add_argument("checkpoint", help="<output_dir>/checkpoints (newest complete) or one checkpoint tag directory")
     p.add_argument("--out", required=True)
     p.add_argument("--tokenizer", default=None, help="tokenizer directory to ship with the model")

@@ -392,9 +392,10 @@ def _check_fits(model_dir: str, tokenizer: PreTrainedTokenizerBase, recipe: Reci
 
 def _print_epoch(epochs: int):
     def log(row: dict) -> None:
-        scores = f", eval loss {row['eval_loss']:.4f}, accuracy {row['accuracy']:.4f}, F1 {row['f1']:.4f}, "
-        scores += f"MCC {row['mcc']:.4f}"
-        shown = scores if "accuracy" in row else ""
+        shown = ""
+        if "accuracy" in row:  # rows of epochs without an evaluation have no scores
+            shown = f", eval loss {row['eval_loss']:.4f}, accuracy {row['accuracy']:.4f}, F1 {row['f1']:.4f}, "
+            shown += f"MCC {row['mcc']:.4f}"
         print(f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}{shown} ({row['seconds']:.1f}s)")
 
     return log

@@ -73,6 +73,8 @@ def test_sections_are_added_then_replaced_and_foreign_readmes_kept(tmp_path):
     (foreign / CARD_FILE).write_text("---\nlicense: apache-2.0\n---\n# BERT\n")
     assert not update_card(str(foreign), "downstream", "x") and not update_card(str(tmp_path / "none"), "x", "y")
     assert (foreign / CARD_FILE).read_text() == "---\nlicense: apache-2.0\n---\n# BERT\n"
+    (foreign / CARD_FILE).write_text("---\ntags: [distil-scale]\n# front matter never closed\n")
+    assert not is_ours((foreign / CARD_FILE).read_text()) and not update_card(str(foreign), "downstream", "x")
 
 
 def test_eval_out_writes_json_and_the_mlm_table_into_the_card(tiny_dataset, tiny_tokenizer, tmp_path, capsys):

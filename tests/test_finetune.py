@@ -23,7 +23,7 @@ from distil_scale.cli import main
 from distil_scale.config import ConfigError
 from distil_scale.data.labelled import detect_text_fields
 from distil_scale.data.tokenizer import train_wordpiece
-from distil_scale.finetune import Recipe, finetune, load_finetuned
+from distil_scale.finetune import Recipe, _print_epoch, finetune, load_finetuned
 from distil_scale.models import build_student
 from distil_scale.scores import classification_metrics
 
@@ -349,3 +349,12 @@ def test_user_mistakes_exit_2_with_one_line(task, teacher, bad_files, tmp_path, 
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and needle.format(**fmt) in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_epochs_without_an_evaluation_print_the_train_loss_only(capsys):
+    log = _print_epoch(2)
+    log({"epoch": 1, "train_loss": 0.5, "seconds": 1.0})
+    log({"epoch": 2, "train_loss": 0.25, "seconds": 1.0, "eval_loss": 0.3, "accuracy": 0.9, "f1": 0.8, "mcc": 0.7})
+    first, last = capsys.readouterr().out.splitlines()
+    assert first == "epoch 1/2: train loss 0.5000 (1.0s)"
+    assert "accuracy 0.9000" in last and "MCC 0.7000" in last
