@@ -63,12 +63,17 @@ _NAMES = (
 )
 
 
+def _get(config: Any, name: str, default: Any = None) -> Any:
+    """A field of a Hugging Face config object or of a plain dict."""
+    return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
+
+
 def shape(config: Any) -> Shape:
     """The sizes of a Hugging Face config (BertConfig, RobertaConfig, DistilBertConfig) or a plain dict."""
     values = {}
     for field, names in _NAMES:
         for name in names:
-            value = config.get(name) if isinstance(config, dict) else getattr(config, name, None)
+            value = _get(config, name)
             if value is not None:
                 values[field] = int(value)
                 break
@@ -79,13 +84,13 @@ def shape(config: Any) -> Shape:
 
 def _family_terms(config: Any) -> tuple[bool, int]:
     """(whether the MLP is gated, relative positions k each query and key is also scored against: 2k columns)."""
-    get = config.get if isinstance(config, dict) else lambda name, default=None: getattr(config, name, default)
-    gated = get("model_type") == "modernbert"
+    model_type = _get(config, "model_type")
     span = 0
-    if get("model_type") in ("deberta-v2", "deberta") and get("relative_attention", False):
-        buckets, max_relative = get("position_buckets", -1) or -1, get("max_relative_positions", -1) or -1
-        span = buckets if buckets > 0 else max_relative if max_relative > 0 else get("max_position_embeddings")
-    return gated, int(span)
+    if model_type in ("deberta-v2", "deberta") and _get(config, "relative_attention", False):
+        buckets = _get(config, "position_buckets", -1) or -1
+        max_relative = _get(config, "max_relative_positions", -1) or -1
+        span = buckets if buckets > 0 else max_relative if max_relative > 0 else _get(config, "max_position_embeddings")
+    return model_type == "modernbert", int(span)
 
 
 def forward_flops(config: Any, tokens: int, seq_len: int, *, lm_head: bool = True) -> int:

@@ -157,14 +157,16 @@ def same_family_config(teacher_config: PreTrainedConfig, *, num_layers: int | No
     family = family_of(t, teacher=True)
     n_layers = _depth(t, num_layers)
     fields = {**t.to_dict(), "num_hidden_layers": n_layers}
+    picked = None
     if family.layer_kinds is not None:
         kinds = family.layer_kinds(t)
         picked = [kinds[j] for j in student_layers(t, n_layers)]
         if hasattr(t, "layer_types"):
             fields["layer_types"] = picked
-        elif picked != family.layer_kinds(type(t).from_dict(fields)):  # the older rhythm-only config
-            raise ConfigError(f"student.num_layers: {n_layers} layers cannot keep the teacher's attention rhythm")
-    return type(t).from_dict(fields)
+    config = type(t).from_dict(fields)
+    if picked is not None and family.layer_kinds(config) != picked:  # an older config has a rhythm, no list
+        raise ConfigError(f"student.num_layers: {n_layers} layers cannot keep the teacher's attention rhythm")
+    return config
 
 
 def student_config(teacher_config: PreTrainedConfig, *, num_layers: int | None = None) -> DistilBertConfig:
@@ -279,14 +281,10 @@ def build_student(
 
 
 def _copy_into(student: nn.Module, sources: dict[str, torch.Tensor], *, buffers: bool = False) -> None:
-    """Copy every parameter (and persistent buffer) of the student from `sources`, which must name exactly those.
-
-    Tied parameters are listed once by named_parameters; the sources may hold their other names too."""
-    params = dict(student.named_parameters())
-    if buffers:
-        params.update((name, b) for name, b in student.state_dict(keep_vars=True).items() if name not in params)
-    tied = {n for n in sources if n not in params and n in student.state_dict()}
-    assert set(params) == set(sources) - tied, sorted(set(params) ^ (set(sources) - tied))
+    """Copy every parameter (and persistent buffer) of the student from `sources`, which must name exactly those:
+    with buffers, by the student's state_dict names (a tied parameter under each of its names)."""
+    params = student.state_dict(keep_vars=True) if buffers else dict(student.named_parameters())
+    assert set(params) == set(sources), sorted(set(params) ^ set(sources))
     with torch.no_grad():
         for name, param in params.items():
             param.copy_(sources[name])

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 
 from kernels import IGNORE_INDEX, cosine_loss, kd_mlm_loss, linear_kd_mlm_loss
 from kernels.contract import DTYPES
-from kernels.kd_mlm import kd_mlm_rows, row_coefficients
+from kernels.kd_mlm import kd_mlm_rows, mlm_slots, row_coefficients
+from kernels.linear_kd_mlm import default_chunk_rows
 from kernels.measure import log, machine, write_bytes, write_csv
 
 TOL = {"fp32": 1e-4, "bf16": 1e-2, "fp16": 5e-3}
@@ -103,18 +104,15 @@ def poison_cache(device: torch.device, nbytes: int) -> None:
 class Recorder:
     """Collects the checks of every case and the cases skipped, with their reasons."""
 
-    def __init__(self, fp32_tol: float) -> None:
+    def __init__(self, gemm_fp32_tol: float) -> None:
         self.checks: list[Check] = []
         self.skipped: list[str] = []
-        self.fp32_tol = fp32_tol
-
-    def tol(self, dtype: str) -> float:
-        return self.fp32_tol if dtype == "fp32" else TOL[dtype]
+        self.gemm_fp32_tol = gemm_fp32_tol  # for ops that run fp32 GEMMs, which CUDA may run in tf32
 
     def add(self, case, op, impl, dtype, temperature, errors: dict[str, float], tols: dict | None = None) -> None:
         """One Check per quantity: padding quantities must be exactly 0, `tols` overrides the dtype's tolerance."""
         for quantity, err in errors.items():
-            limit = 0.0 if quantity.startswith("padding") else (tols or {}).get(quantity, self.tol(dtype))
+            limit = 0.0 if quantity.startswith("padding") else (tols or {}).get(quantity, TOL[dtype])
             ok = not math.isnan(err) and err <= limit
             self.checks.append(Check(case, op, impl, dtype, temperature, quantity, err, limit, ok))
 
@@ -207,7 +205,7 @@ def case_kd_mlm_loss(rec, impl, dtype, temperature, scale, sizes, device, gen, *
     # logits, whatever their dtype: its error is measured against T^2 x 1e-2 at fp32's tolerance.
     floor = temperature**2 * 1e-2 if near else 1e-30
     errors = logits_errors((kd, mlm, grad), s, t, labels, kd_mask, temperature, sizes.ref_rows, floor)
-    rec.add(name, "kd_mlm_loss", impl, dtype, temperature, errors, {"kd": rec.fp32_tol} if near else None)
+    rec.add(name, "kd_mlm_loss", impl, dtype, temperature, errors, {"kd": TOL["fp32"]} if near else None)
 
 
 def case_linear(rec, impl, dtype, temperature, scale, sizes, device, gen, *, grad_weights):
@@ -223,7 +221,7 @@ def case_linear(rec, impl, dtype, temperature, scale, sizes, device, gen, *, gra
     teacher = [draw(n, h, std=1.0), draw(v, h, std=scale / h**0.5), draw(v, std=0.5)]
     ours = [p.clone().requires_grad_() for p in student]
     weights = TRAINING_WEIGHTS if grad_weights else WEIGHTS
-    poison_cache(device, 4 * (sizes.chunk_rows or 1024) * v * 4)
+    poison_cache(device, 4 * (sizes.chunk_rows or default_chunk_rows(v, device)) * v * 4)
     promise = weights if grad_weights else None
     kd, mlm = linear_kd_mlm_loss(*ours, *teacher, labels, kd_mask, temperature=temperature, impl=impl,
                                  chunk_rows=sizes.chunk_rows, grad_weights=promise)  # fmt: skip
@@ -241,7 +239,8 @@ def case_linear(rec, impl, dtype, temperature, scale, sizes, device, gen, *, gra
         errors[name] = rel_err(mine.grad, theirs.grad)
     errors["padding grad x"] = float(ours[0].grad[pad].abs().max())
     name = f"linear x{scale:g}" + (", grad_weights" if grad_weights else "")
-    rec.add(name, "linear_kd_mlm_loss", impl, dtype, temperature, errors)
+    tols = dict.fromkeys(errors, rec.gemm_fp32_tol) if dtype == "fp32" else None
+    rec.add(name, "linear_kd_mlm_loss", impl, dtype, temperature, errors, tols)
 
 
 def case_rows_poisoned(rec, impl, dtype, sizes, device, gen):
@@ -251,9 +250,7 @@ def case_rows_poisoned(rec, impl, dtype, sizes, device, gen):
     _, kd_coef, mlm_coef = row_coefficients(labels, kd_mask, temperature)
     s = torch.randn(n, v, generator=gen, device=device) * 3
     t = torch.randn(n, v, generator=gen, device=device) * 3
-    labelled = (labels != IGNORE_INDEX).nonzero().squeeze(-1)
-    slot = torch.full_like(labels, -1)
-    slot[labelled] = torch.arange(labelled.numel(), device=device)
+    labelled, slot = mlm_slots(labels)
     g_mlm = torch.full((labelled.numel(), v), NAN, device=device)
     scale = 1024.0 if dtype == "fp16" else 1.0
     if dtype == "fp32":  # in place: the gradient overwrites the logits, a padded row stride as in the fused op
@@ -378,12 +375,12 @@ def write_results(out: str, rec: Recorder, about: dict) -> None:
 
 
 def fp32_gemm_tol() -> float:
-    """TF32_TOL when torch may run fp32 GEMMs in tf32 on CUDA, else TOL["fp32"]."""
+    """TF32_TOL when torch may run fp32 GEMMs on CUDA in tf32, else TOL["fp32"]."""
     try:
         tf32 = torch.backends.cuda.matmul.allow_tf32
     except Exception:  # a torch where the legacy flag is refused: assume the fast mode
         tf32 = True
-    return TF32_TOL if torch.cuda.is_available() and tf32 else TOL["fp32"]
+    return TF32_TOL if tf32 else TOL["fp32"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -408,12 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu" and "triton" in impls and os.environ.get("TRITON_INTERPRET") != "1":
         parser.error("impl triton on the CPU needs TRITON_INTERPRET=1 (or --dry-run, or --impls torch)")
     sizes = SMALL_SIZES if args.small or args.dry_run else GPU_SIZES
-    fp32_tol = fp32_gemm_tol() if device.type == "cuda" else TOL["fp32"]
-    rec = Recorder(fp32_tol)
+    gemm_fp32_tol = fp32_gemm_tol() if device.type == "cuda" else TOL["fp32"]
+    rec = Recorder(gemm_fp32_tol)
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "none"
     about = {"machine": machine(), "device": device.type, "gpu": gpu, "sizes": asdict(sizes)}
     about["interpreter"] = os.environ.get("TRITON_INTERPRET") == "1"
-    about["fp32_tol"] = fp32_tol
+    about["gemm_fp32_tol"] = gemm_fp32_tol
     log(f"[verify] {device.type} ({gpu}), torch {torch.__version__}, sizes {sizes}")
     start = time.perf_counter()
     # `timeout` stops a slow run with SIGTERM: exit through the finally below, which still writes what was checked.
