@@ -51,9 +51,13 @@ def preflight() -> int:
         print(f"{key:<13} {value}")
     with open(os.path.join(os.environ.get("GPU_CHECK_WORK", "."), "preflight.json"), "w") as f:
         json.dump(info, f)
-    missing = [name for name in OPTIONAL if str(info[name]).startswith("missing")]
-    print(f"optional packages missing: {', '.join(missing) or 'none'}")
+    print(f"optional packages missing: {_missing(info)}")
     return 0
+
+
+def _missing(info: dict) -> str:
+    """The optional packages the preflight could not import, or "none"."""
+    return ", ".join(name for name in OPTIONAL if str(info[name]).startswith("missing")) or "none"
 
 
 def _rows(path: str) -> list[dict]:
@@ -132,8 +136,7 @@ def figure(stage: str, out: str, work: str, tag: str) -> str:
         info = _load_json(os.path.join(work, "preflight.json"))
         if info is None:
             return "-"
-        missing = [name for name in OPTIONAL if str(info[name]).startswith("missing")]
-        return f"torch {info['torch']}, GPU {info['gpu']}; missing: {', '.join(missing) or 'none'}"
+        return f"torch {info['torch']}, GPU {info['gpu']}; missing: {_missing(info)}"
     if stage == "wheels":
         site = "/tmp/site"
         wheels = [n for n in os.listdir(".whl") if n.endswith(".whl")] if os.path.isdir(".whl") else []

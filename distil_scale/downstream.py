@@ -35,7 +35,7 @@ import torch
 from distil_scale import atomic
 from distil_scale.config import ConfigError
 from distil_scale.data.labelled import Split, load_task
-from distil_scale.finetune import Recipe, check_out, encode, fit, load_task_tokenizer
+from distil_scale.finetune import Recipe, check_fits, check_out, encode, fit, load_task_tokenizer
 from distil_scale.scores import bootstrap, score, standard_error
 
 RESULTS_FILE = "downstream.json"
@@ -143,8 +143,8 @@ def run_suite(
     out_path = check_out(out, models, marker=RESULTS_FILE, what="downstream") if out else None
     tasks = find_tasks(tasks_dir)
     data = {t.name: _load(t, max_train) for t in tasks}  # every task validated before any training
-    for path in models:
-        load_task_tokenizer(path)
+    for path in models:  # every model checked before any training
+        check_fits(path, load_task_tokenizer(path), recipe)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     pairs = [(name, path, task) for name, path in zip(names, models) for task in tasks]
     runs = len(pairs) * (len(lrs) + seeds - 1)

@@ -335,7 +335,7 @@ def finetune(
     train, dev, names, fields = load_task(train_data, eval_data, **task)
     _check_model_dir(model_dir)
     tokenizer = load_task_tokenizer(tokenizer_dir)  # before the model: it is the quicker one to find wrong
-    _check_fits(model_dir, tokenizer, recipe)
+    check_fits(model_dir, tokenizer, recipe)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     train_enc, dev_enc = (encode(s, tokenizer, recipe.max_seq_length) for s in (train, dev))
     steps = math.ceil(len(train) / recipe.batch_size) * recipe.epochs
@@ -375,7 +375,8 @@ def finetune(
     return results
 
 
-def _check_fits(model_dir: str, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> None:
+def check_fits(model_dir: str, tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> None:
+    """ConfigError unless the tokenizer's vocabulary and the recipe's sequence length fit the model."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)

@@ -291,6 +291,7 @@ def test_runner_on_a_glue_format_directory_through_the_cli(glue_dir, models, tmp
         (["--tasks", "{suite}", "--names", "a"], "1 names for 2 models"),
         (["--tasks", "{suite}", "--seeds", "0"], "--seeds >= 1"),
         (["--tasks", "{suite}", "--out", "{teacher}"], "is an input directory"),
+        (["--tasks", "{suite}", "--max-seq-length", "100000"], "exceeds the model's"),
     ],
 )
 def test_runner_mistakes_exit_2_with_one_line(suite, models, tmp_path, capsys, args, needle):
