@@ -17,10 +17,10 @@ a quantity is ||out - ref|| / ||ref||; NaN never passes. Buffers an op allocates
 on CUDA the caching allocator is handed a freed NaN-filled block before every call, so a buffer it carves from
 there reads NaN wherever the op did not write, and every output must be finite.
 
-Tolerances by dtype: fp32 1e-4 (fp32 arithmetic; 2e-3 when torch lets fp32 GEMMs use tf32); bf16 1e-2 and fp16
-5e-3, where what is rounded to the low precision (a gradient, the GEMM inputs) sets the error. The
-almost-equal student's kd (about 1e-5) is a difference of log-sum-exps of size log V in fp32: its error is taken
-relative to T^2 x 1e-2, at the fp32 tolerance (an absolute 1e-6 T^2).
+Tolerances by dtype: fp32 1e-4 (fp32 arithmetic; 2e-3 for the fused linear op, the one with GEMMs, where torch
+lets fp32 GEMMs use tf32); bf16 1e-2 and fp16 5e-3, where what is rounded to the low precision (a gradient, the
+GEMM inputs) sets the error. The almost-equal student's kd (about 1e-5) is a difference of log-sum-exps of size
+log V in fp32: its error is taken relative to T^2 x 1e-2, at the fp32 tolerance (an absolute 1e-6 T^2).
 
     python -m kernels.verify [--out DIR] [--small] [--dry-run] [--impls triton,torch] [--seed 0]
 
